@@ -1,0 +1,1 @@
+"""pocketlm runtime: what runs next to a device. Never imports torch or the toolchain."""

@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny models built in code from real configs' shapes, and the real default model
+loaded once per test session (converted from its GGUF once, then read from the cache)."""
+
+from __future__ import annotations
+
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+TINY_VOCAB = 320
+
+
+def tiny_hf_config(model_type: str = "llama", **overrides):
+    """A SmolLM2-shaped (GQA 3:1, tied) config, shrunk: 2 layers, dim 48, head_dim 16."""
+    from transformers import AutoConfig
+
+    kw = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kw.update(overrides)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def tiny_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(model_type, **overrides), dtype=torch.float32)
+    # Random init leaves norms at 1; perturb them so a norm bug cannot hide.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer trained in-process on the default prose (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from pocketlm.runtime.text import load_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([load_text(None, "train")[:200_000]], trainer)
+    folder = tmp_path_factory.mktemp("tiny_tokenizer")
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture
+def tiny_hf_folder(tmp_path, tiny_tokenizer_dir) -> Path:
+    folder = tmp_path / "tiny-llama"
+    tiny_hf_model().save_pretrained(folder)
+    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", folder / "tokenizer.json")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def real():
+    """The real default model (SmolLM2-135M-Instruct): pocketlm's Transformer, the HF reference, tokenizer."""
+    from pocketlm.toolchain.load import load_hf_model, load_model, load_tokenizer
+
+    model, source = load_model("default")
+    return types.SimpleNamespace(
+        source=source, model=model, hf=load_hf_model(source), tokenizer=load_tokenizer(source)
+    )

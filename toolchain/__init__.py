@@ -1,0 +1,1 @@
+"""pocketlm toolchain: the PyTorch side (load, distill, prune, quantize, export)."""

@@ -1,0 +1,1 @@
+"""pocketlm toolchain: pocketlm's own transformer definition."""

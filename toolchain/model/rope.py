@@ -1,0 +1,51 @@
+"""Rotary position embeddings (half-split convention, as Hugging Face Llama stores q/k weights)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import ModelConfig
+
+
+def inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Per-pair rotation frequencies, [head_dim // 2], float64 so large positions stay exact."""
+    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim
+    freq = 1.0 / (config.rope_theta**exponents)
+    s = config.rope_scaling
+    if s is None:
+        return freq
+    # Llama 3.x: long wavelengths are slowed by `factor`, short ones kept, the middle band blended.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / freq
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    blended = (1 - smooth) * freq / s.factor + smooth * freq
+    scaled = torch.where(wavelen > low_wavelen, freq / s.factor, freq)
+    is_medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+def cos_sin(freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for integer positions [T] -> two [T, head_dim] float32 tensors.
+
+    Angles are formed in float64 and reduced modulo 2*pi before the cast, so a position of
+    100,000 rotates as precisely as a position of 10.
+    """
+    angles = positions.to(torch.float64)[:, None] * freq[None, :]
+    angles = torch.remainder(angles, 2 * math.pi)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(torch.float32), angles.sin().to(torch.float32)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, head_dim]; cos/sin: [T, head_dim]."""
+    return x * cos + rotate_half(x) * sin
