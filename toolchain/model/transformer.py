@@ -37,13 +37,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, spec.n_kv_heads * config.head_dim, bias=bias)
         self.o_proj = nn.Linear(spec.n_heads * config.head_dim, config.dim, bias=False)
 
-    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x: [B, T, dim] -> rotated q [B, n_heads, T, head_dim], rotated k and v [B, n_kv_heads, T, head_dim]."""
+    def project_qkv(self, x: torch.Tensor):
+        """x: [B, T, dim] -> un-rotated q [B, n_heads, T, head_dim], k and v [B, n_kv_heads, T, head_dim]."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v
+        return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q: [B, n_heads, T, hd]; k, v: [B, n_kv_heads, S, hd]; mask: additive [T, S] -> [B, T, dim]."""
@@ -56,8 +56,8 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def forward(self, x, cos, sin, mask):
-        q, k, v = self.project_qkv(x, cos, sin)
-        return self.attend(q, k, v, mask)
+        q, k, v = self.project_qkv(x)
+        return self.attend(rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v, mask)
 
 
 class MLP(nn.Module):

@@ -1,0 +1,46 @@
+"""A conversation's state over one backend: the host schedule plus the program's cache.
+
+Prompts are prefilled chunk by chunk (a prompt longer than the whole cache just evicts as it goes);
+single tokens take the 1-position decode step. Memory and per-token work do not depend on how long
+the conversation has been.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backends import Backend
+from .errors import PocketLMError
+from .sink_cache import CacheLayout, SinkWindowSchedule
+
+
+class CachedSession:
+    def __init__(self, backend: Backend, layout: CacheLayout, freq: np.ndarray):
+        self.backend = backend
+        self.layout = layout
+        self.schedule = SinkWindowSchedule(layout, freq)
+
+    @property
+    def n_seen(self) -> int:
+        return self.schedule.n_seen
+
+    def reset(self) -> None:
+        self.schedule.reset()
+        self.backend.reset()
+
+    def feed(self, ids, keep_logits: bool = False) -> np.ndarray:
+        """Push tokens through the cache. Returns the last token's logits [vocab], or all [n, vocab]."""
+        ids = list(ids)
+        if not ids:
+            raise PocketLMError("nothing to feed: the prompt encodes to zero tokens; pass a non-empty prompt")
+        chunk, outs = self.layout.chunk, []
+        for start in range(0, len(ids), chunk):
+            piece = ids[start : start + chunk]
+            width = 1 if len(piece) == 1 else chunk
+            step = self.schedule.step_inputs(piece, width)
+            logits = self.backend.step(step)[: step.n_valid]
+            self.schedule.commit(step)
+            if keep_logits:
+                outs.append(logits)
+            last = logits[-1]
+        return np.concatenate(outs) if keep_logits else last

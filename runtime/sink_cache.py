@@ -1,0 +1,129 @@
+"""The sink-window KV cache schedule (StreamingLLM), decided on the host, defined once.
+
+Capacity C = S + W slots per layer: slots 0..S-1 hold the first S tokens forever (attention sinks),
+slots S..C-1 hold the most recent W tokens as a ring. Slot C is a trash slot that padded positions
+write to and nobody reads, so every step has static shapes.
+
+Positions live inside the cache: sinks at 0..S-1, window tokens at S.. in age order. Keys are
+stored rotated at their true positions. Because the window is contiguous, a query rotated at its
+true position sees every window key at exactly its in-cache distance; only the sinks' distances
+differ, so the query is rotated a second time at its in-cache position for the sink slots. No key
+is ever re-rotated and no query-key distance exceeds C.
+
+A chunk of P <= W tokens is processed at once, and query i sees exactly what it would have seen had
+the tokens come one at a time: old window slots its own predecessors would already have evicted
+are masked out. The new keys are written after attention, so that still works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import rope
+from .errors import PocketLMError
+
+MASKED = -1e9  # finite: a fully masked (padded) row softmaxes to uniform, never NaN
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    sink_size: int
+    window_size: int
+    chunk: int  # prefill chunk length P (decode steps take 1 token)
+
+    def __post_init__(self):
+        if self.sink_size < 0 or self.window_size < 1:
+            raise PocketLMError(f"cache needs sink_size >= 0 and window_size >= 1, got {self}")
+        if not 1 <= self.chunk <= self.window_size:
+            raise PocketLMError(
+                f"prefill chunk {self.chunk} must be between 1 and window_size {self.window_size}; "
+                "a chunk longer than the window would evict its own tokens"
+            )
+
+    @property
+    def cache_len(self) -> int:
+        return self.sink_size + self.window_size
+
+    @property
+    def trash_slot(self) -> int:
+        return self.cache_len
+
+    @property
+    def physical_len(self) -> int:
+        return self.cache_len + 1
+
+
+@dataclass
+class StepInputs:
+    """Everything one program call takes besides the cache. P = number of token positions."""
+
+    tokens: np.ndarray  # [1, P] int64, padded with 0
+    cos_win: np.ndarray  # [P, head_dim] float32: the query (and new key) at its true position
+    sin_win: np.ndarray
+    cos_sink: np.ndarray  # [P, head_dim]: the query at its in-cache position, for sink slots
+    sin_sink: np.ndarray
+    mask: np.ndarray  # [P, physical_len + P] float32 additive: old cache slots, then the new tokens
+    slots: np.ndarray  # [P] int64: where each new K/V goes (trash slot for padding)
+    n_valid: int
+
+    def as_tuple(self):
+        return (self.tokens, self.cos_win, self.sin_win, self.cos_sink, self.sin_sink, self.mask, self.slots)
+
+
+INPUT_NAMES = ("tokens", "cos_win", "sin_win", "cos_sink", "sin_sink", "mask", "slots")
+
+
+class SinkWindowSchedule:
+    """Host-side bookkeeping: which true position each slot holds, and each step's inputs."""
+
+    def __init__(self, layout: CacheLayout, freq: np.ndarray):
+        self.layout = layout
+        self.freq = freq
+        self.reset()
+
+    def reset(self) -> None:
+        self.n_seen = 0  # tokens processed so far = next token's true position
+        self.slot_pos = np.full(self.layout.physical_len, -1, dtype=np.int64)  # -1: empty
+
+    def slot_of(self, pos: int) -> int:
+        s, w = self.layout.sink_size, self.layout.window_size
+        return pos if pos < s else s + (pos - s) % w
+
+    def cache_position(self, pos: int) -> int:
+        """Where a query at true position pos sits inside the cache (it is the newest token)."""
+        s, w = self.layout.sink_size, self.layout.window_size
+        return pos if pos < s + w else s + w - 1
+
+    def step_inputs(self, token_ids, width: int) -> StepInputs:
+        """Inputs for the next len(token_ids) tokens, padded to `width` positions."""
+        n, s, w = len(token_ids), self.layout.sink_size, self.layout.window_size
+        if not 1 <= n <= width <= w:
+            raise PocketLMError(f"a step takes 1..{width} tokens (window {w}), got {n}")
+        pos = self.n_seen + np.arange(width)
+        tokens = np.zeros((1, width), np.int64)
+        tokens[0, :n] = token_ids
+        cos_win, sin_win = rope.cos_sin(self.freq, pos)
+        cos_sink, sin_sink = rope.cos_sin(self.freq, [self.cache_position(int(p)) for p in pos])
+        slots = np.full(width, self.layout.trash_slot, np.int64)
+        slots[:n] = [self.slot_of(int(p)) for p in pos[:n]]
+
+        # old slots: sinks always visible; a window token only while it is among the last w
+        old = self.slot_pos[None, :]
+        q = pos[:, None]
+        visible_old = (old >= 0) & ((old < s) | (old > q - w))
+        # new tokens: causal, and (chunk <= w) never evicted by a later token of the same chunk
+        kq = np.arange(width)
+        visible_new = (kq[None, :] <= kq[:, None]) & (kq[None, :] < n)
+        visible = np.concatenate([visible_old, visible_new], axis=1)
+        visible[n:] = False
+        visible[n:, self.layout.physical_len :] = np.eye(width, dtype=bool)[n:]  # padding sees itself
+        mask = np.where(visible, 0.0, MASKED).astype(np.float32)
+        return StepInputs(tokens, cos_win, sin_win, cos_sink, sin_sink, mask, slots, n)
+
+    def commit(self, step: StepInputs) -> None:
+        """Record that the program wrote the step's valid tokens into their slots."""
+        for i in range(step.n_valid):
+            self.slot_pos[step.slots[i]] = self.n_seen + i
+        self.n_seen += step.n_valid

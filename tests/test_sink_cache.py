@@ -1,0 +1,142 @@
+"""The sink-window cache against an obviously-correct oracle (StreamingLLM's StartRecentKVCache:
+concatenate the sinks and the most recent tokens, give them positions 0.. in order, plain attention)."""
+
+import numpy as np
+import pytest
+import torch
+
+from pocketlm.runtime import rope as np_rope
+from pocketlm.runtime.errors import PocketLMError
+from pocketlm.runtime.sink_cache import CacheLayout, SinkWindowSchedule
+from pocketlm.toolchain.model import convert, surgery
+from pocketlm.toolchain.model import rope
+from pocketlm.toolchain.reference import reference_session, rope_freq
+
+from conftest import TINY_VOCAB, tiny_hf_model
+
+
+@torch.no_grad()
+def oracle_logits(model, ids, sink_size, window_size):
+    """Token by token; each layer keeps every token's un-rotated K/V and attends to sinks + recent."""
+    kv = [[] for _ in model.model.layers]
+    out = []
+    for t, tok in enumerate(ids):
+        x = model.model.embed_tokens(torch.tensor([[tok]]))
+        keep = list(range(min(sink_size, t + 1))) + list(range(max(sink_size, t + 1 - window_size), t + 1))
+        cos, sin = rope.cos_sin(model.rope_inv_freq, torch.arange(len(keep)))
+        for layer, layer_kv in zip(model.model.layers, kv):
+            attn = layer.self_attn
+            q, k, v = attn.project_qkv(layer.input_layernorm(x))
+            layer_kv.append((k, v))
+            keys = rope.apply_rope(torch.cat([layer_kv[j][0] for j in keep], dim=2), cos, sin)
+            values = torch.cat([layer_kv[j][1] for j in keep], dim=2)
+            x = x + attn.attend(rope.apply_rope(q, cos[-1:], sin[-1:]), keys, values, torch.zeros(1, len(keep)))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        out.append(model.lm_head(model.model.norm(x))[0, 0])
+    return torch.stack(out).numpy()
+
+
+def feed_in_pieces(session, ids, pieces):
+    """Feed ids as consecutive pieces of the given lengths (cycled); return all logits."""
+    outs, i, k = [], 0, 0
+    while i < len(ids):
+        n = pieces[k % len(pieces)]
+        outs.append(session.feed(ids[i : i + n], keep_logits=True))
+        i, k = i + n, k + 1
+    return np.concatenate(outs)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return convert.from_hf_model(tiny_hf_model())
+
+
+STREAM = np.random.default_rng(0).integers(0, TINY_VOCAB, 90).tolist()
+LAYOUT = CacheLayout(sink_size=4, window_size=12, chunk=5)  # 90 tokens wrap the 12-slot ring 7 times
+
+
+def test_matches_the_oracle_over_a_stream_that_wraps_the_ring_many_times(tiny):
+    session = reference_session(tiny, LAYOUT)
+    ours = feed_in_pieces(session, STREAM, [23, 1, 1, 7, 1, 3])  # long prefill, decodes, odd chunks
+    ref = oracle_logits(tiny, STREAM, 4, 12)
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_same_logits_whatever_chunk_a_token_lands_in(tiny):
+    runs = []
+    for chunk, pieces in [(1, [1]), (5, [5]), (5, [2, 5, 1]), (12, [12, 3])]:
+        session = reference_session(tiny, CacheLayout(4, 12, chunk))
+        runs.append(feed_in_pieces(session, STREAM, pieces))
+    for other in runs[1:]:
+        assert np.abs(other - runs[0]).max() < 1e-4
+
+
+def test_zero_sinks_is_a_pure_window(tiny):
+    session = reference_session(tiny, CacheLayout(0, 12, 4))
+    ours = feed_in_pieces(session, STREAM[:40], [4])
+    assert np.abs(ours - oracle_logits(tiny, STREAM[:40], 0, 12)).max() < 1e-4
+
+
+def test_heterogeneous_layers_run_through_the_cache():
+    model = convert.from_hf_model(tiny_hf_model(seed=3))
+    surgery.keep_kv_heads_(model, 0, [1])
+    surgery.keep_mlp_channels_(model, 1, list(range(0, 96, 2)))
+    session = reference_session(model, LAYOUT)
+    ours = feed_in_pieces(session, STREAM[:50], [7, 1])
+    assert np.abs(ours - oracle_logits(model, STREAM[:50], 4, 12)).max() < 1e-4
+
+
+def test_within_capacity_the_cache_equals_hugging_face_dense_attention():
+    hf = tiny_hf_model()
+    session = reference_session(convert.from_hf_model(hf), CacheLayout(4, 60, 8))
+    ours = feed_in_pieces(session, STREAM[:64], [8, 1, 1, 5])
+    with torch.no_grad():
+        ref = hf(torch.tensor([STREAM[:64]])).logits[0].numpy()
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_sinks_never_overwritten(tiny):
+    session = reference_session(tiny, LAYOUT)
+    session.feed(STREAM[:4])
+    sinks = [k[:, :, :4].clone() for k, _ in session.backend.program.caches()]
+    feed_in_pieces(session, STREAM[4:], [5, 1])
+    assert session.schedule.slot_pos[:4].tolist() == [0, 1, 2, 3]
+    for before, (k, _) in zip(sinks, session.backend.program.caches()):
+        assert torch.equal(before, k[:, :, :4])
+
+
+def test_no_query_key_distance_above_the_capacity():
+    layout = CacheLayout(4, 12, 5)
+    sched = SinkWindowSchedule(layout, np.ones(4))
+    for n in [5, 1, 3, 5, 5, 1, 1, 5, 5, 5, 2, 5, 5, 1]:
+        step = sched.step_inputs(list(range(n)), 1 if n == 1 else layout.chunk)
+        for i in range(n):
+            q_pos = sched.n_seen + i
+            visible = np.flatnonzero(step.mask[i, : layout.physical_len] == 0)
+            for slot in visible:
+                k_pos = sched.slot_pos[slot]
+                dist = sched.cache_position(q_pos) - k_pos if slot < layout.sink_size else q_pos - k_pos
+                assert 0 < dist <= layout.cache_len - 1
+            assert len(visible) + i + 1 <= layout.cache_len  # never more keys than the capacity
+        sched.commit(step)
+
+
+def test_padding_writes_only_to_the_trash_slot(tiny):
+    sched = SinkWindowSchedule(LAYOUT, np.ones(4))
+    step = sched.step_inputs([1, 2], LAYOUT.chunk)
+    assert step.slots.tolist() == [0, 1] + [LAYOUT.trash_slot] * 3
+    assert np.isfinite(step.mask).all()
+
+
+def test_a_position_gets_the_same_rotation_however_large_it_is():
+    freq = np_rope.inv_freq(64, 100000.0)
+    cos, sin = np_rope.cos_sin(freq, [10**7])
+    exact = np.asarray([float(np.cos(np.float64(10**7) * f % (2 * np.pi))) for f in freq])
+    assert np.abs(cos[0, :32] - exact).max() < 1e-6
+
+
+def test_bad_layouts_are_refused():
+    with pytest.raises(PocketLMError, match=r"chunk 20 must be between 1 and window_size 12"):
+        CacheLayout(4, 12, 20)
+    with pytest.raises(PocketLMError, match=r"zero tokens"):
+        reference_session(convert.from_hf_model(tiny_hf_model()), LAYOUT).feed([])

@@ -1,0 +1,108 @@
+"""pocketlm's Transformer running over the sink-window KV cache (semantics: pocketlm.runtime.sink_cache).
+
+One step takes P token positions plus the host's RoPE tables, mask and slots. Two wrappers share
+`cached_forward`:
+- SinkCacheProgram keeps the cache in buffers updated in place (the ExecuTorch program and the
+  eager PyTorch reference);
+- SinkCacheStateless takes the cache as inputs and returns only the new K/V (the ONNX program; the
+  host writes them into its ring, so no step copies the whole cache).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pocketlm.runtime.sink_cache import CacheLayout
+
+from .rope import apply_rope
+from .transformer import Attention, Transformer
+
+
+def cached_attention(
+    attn: Attention, x, cos_win, sin_win, cos_sink, sin_sink, mask, k_cache, v_cache, sink_size: int
+):
+    """x: [1, P, dim]; k_cache/v_cache: [1, n_kv_heads, L, hd] (L = physical cache length);
+    mask: [P, L + P]. Returns (output [1, P, dim], k_new, v_new [1, n_kv_heads, P, hd])."""
+    q, k, v = attn.project_qkv(x)
+    k_new = apply_rope(k, cos_win, sin_win)  # keys are stored at their true positions
+    q_win = apply_rope(q, cos_win, sin_win)
+    q_sink = apply_rope(q, cos_sink, sin_sink)
+    n_kv, hd, p = attn.n_kv_heads, attn.head_dim, x.shape[1]
+    group = attn.n_heads // attn.n_kv_heads
+    # fold each KV head's query group into the row dim so the cache is never expanded:
+    # q: [1, n_heads, P, hd] -> [1, n_kv, group * P, hd]
+    q_win = q_win.reshape(1, n_kv, group * p, hd)
+    q_sink = q_sink.reshape(1, n_kv, group * p, hd)
+    keys = torch.cat([k_cache, k_new], dim=2)  # [1, n_kv, L + P, hd]
+    values = torch.cat([v_cache, v], dim=2)
+    scale = 1.0 / math.sqrt(hd)
+    scores = torch.cat(
+        [q_sink @ keys[:, :, :sink_size].transpose(2, 3), q_win @ keys[:, :, sink_size:].transpose(2, 3)], dim=-1
+    )  # [1, n_kv, group * P, L + P]
+    scores = scores.view(1, n_kv, group, p, -1) * scale + mask
+    probs = torch.softmax(scores.float(), dim=-1).view(1, n_kv, group * p, -1)
+    out = (probs @ values).view(1, attn.n_heads, p, hd).transpose(1, 2).reshape(1, p, attn.n_heads * hd)
+    return attn.o_proj(out), k_new, v
+
+
+def cached_forward(model: Transformer, layout: CacheLayout, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, caches):
+    """tokens: [1, P] -> logits [1, P, vocab], and each layer's (k_new, v_new)."""
+    x = model.model.embed_tokens(tokens)
+    new_kv = []
+    for layer, (k_cache, v_cache) in zip(model.model.layers, caches):
+        h, k_new, v_new = cached_attention(
+            layer.self_attn, layer.input_layernorm(x), cos_win, sin_win, cos_sink, sin_sink, mask,
+            k_cache, v_cache, layout.sink_size,
+        )
+        x = x + h
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        new_kv.append((k_new, v_new))
+    return model.lm_head(model.model.norm(x)).float(), new_kv
+
+
+def cache_shapes(model: Transformer, layout: CacheLayout) -> list[tuple[int, int, int, int]]:
+    """Per-layer cache shape [1, n_kv_heads, physical_len, head_dim] (layers may differ)."""
+    return [(1, spec.n_kv_heads, layout.physical_len, model.config.head_dim) for spec in model.config.layers]
+
+
+class SinkCacheProgram(nn.Module):
+    """Cache held in buffers and updated in place: forward(*StepInputs) -> logits [1, P, vocab]."""
+
+    def __init__(self, model: Transformer, layout: CacheLayout):
+        super().__init__()
+        self.model, self.layout = model, layout
+        for i, shape in enumerate(cache_shapes(model, layout)):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+
+    def caches(self):
+        return [(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")) for i in range(self.model.config.n_layers)]
+
+    def reset_cache(self) -> None:
+        for k, v in self.caches():
+            k.zero_()
+            v.zero_()
+
+    def forward(self, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, slots):
+        caches = self.caches()
+        logits, new_kv = cached_forward(self.model, self.layout, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, caches)
+        for (k_cache, v_cache), (k_new, v_new) in zip(caches, new_kv):
+            k_cache.index_copy_(2, slots, k_new)
+            v_cache.index_copy_(2, slots, v_new)
+        return logits
+
+
+class SinkCacheStateless(nn.Module):
+    """Cache in, new slots out: forward(tokens, ..., mask, past) -> (logits, k_new_0, v_new_0, ...)."""
+
+    def __init__(self, model: Transformer, layout: CacheLayout):
+        super().__init__()
+        self.model, self.layout = model, layout
+
+    def forward(self, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, past: list[torch.Tensor]):
+        caches = list(zip(past[0::2], past[1::2]))
+        logits, new_kv = cached_forward(self.model, self.layout, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, caches)
+        return (logits, *[t for kv in new_kv for t in kv])
