@@ -89,3 +89,14 @@ def real():
     return types.SimpleNamespace(
         source=source, model=model, hf=load_hf_model(source), tokenizer=load_tokenizer(source)
     )
+
+
+REAL_LAYOUT = dict(sink_size=4, window_size=60, chunk=16)  # 64 slots: 256+ tokens wrap the ring 4 times
+
+
+@pytest.fixture(scope="session")
+def real_bundle(real, tmp_path_factory):
+    """The default model exported once per test session to both backends (the slow part of the suite)."""
+    from pocketlm.toolchain.export import export_bundle
+
+    return export_bundle(real.source, tmp_path_factory.mktemp("real") / "bundle", ("onnx", "executorch"), **REAL_LAYOUT)

@@ -28,6 +28,74 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .export import export_bundle
+
+    out = export_bundle(
+        args.source, args.out, tuple(args.backend or ("onnx", "executorch")),
+        sink_size=args.sink_size, window_size=args.window_size, chunk=args.chunk,
+    )
+    print(f"bundle written to {out}")
+    return 0
+
+
+def _sampling(args):
+    from pocketlm.runtime.sampling import Sampling
+
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def _cmd_generate(args) -> int:
+    from pocketlm.runtime.generate import Generator
+
+    gen = Generator(args.bundle, args.backend, args.threads)
+    if args.raw:
+        ids = gen.tokenizer.encode(args.prompt)
+    else:
+        ids = gen.chat_ids([{"role": "user", "content": args.prompt}])
+    out = gen.generate(ids, args.max_new_tokens, _sampling(args), on_text=lambda t: print(t, end="", flush=True))
+    print()
+    print(
+        f"[{gen.backend.name}] {out.prompt_tokens} prompt tokens, {len(out.tokens)} new; "
+        f"time to first token {out.ttft_s * 1000:.0f} ms, decode {out.decode_tok_s:.1f} tok/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from pocketlm.runtime.generate import Generator
+
+    gen = Generator(args.bundle, args.backend, args.threads)
+    messages: list[dict] = []
+    print("pocketlm chat: an empty line or Ctrl-D ends the conversation", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        print("bot> ", end="", flush=True)
+        out = gen.chat_turn(messages, max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
+                            on_text=lambda t: print(t, end="", flush=True))
+        print()
+        messages.append({"role": "assistant", "content": out.text})
+    return 0
+
+
+def _add_generation_args(p) -> None:
+    p.add_argument("bundle", help="bundle folder written by `pocketlm export`")
+    p.add_argument("--backend", choices=["onnx", "executorch"], default=None, help="default: the bundle's first")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -53,6 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help=f"tokens of text to use (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--json", default=None, help="write the result as JSON here")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="export a source to a bundle (ONNX and/or ExecuTorch) with the sink-window cache")
+    p.add_argument("source", help="HF folder, .gguf file, pocketlm folder, or 'default'")
+    p.add_argument("--backend", action="append", choices=["onnx", "executorch"], help="repeat for several (default: both)")
+    p.add_argument("--sink-size", type=int, default=4, help="attention-sink slots kept forever (default 4)")
+    p.add_argument("--window-size", type=int, default=508, help="rolling-window slots (default 508)")
+    p.add_argument("--chunk", type=int, default=32, help="prefill chunk length in tokens (default 32)")
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("generate", help="stream a completion from a bundle (runs without PyTorch for ONNX)")
+    _add_generation_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt text as is")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with a bundle")
+    _add_generation_args(p)
+    p.set_defaults(func=_cmd_chat)
     return parser
 
 

@@ -6,7 +6,10 @@ from typing import Protocol
 
 import numpy as np
 
+from ..errors import PocketLMError
 from ..sink_cache import StepInputs
+
+NAMES = ("onnx", "executorch")
 
 
 class Backend(Protocol):
@@ -17,3 +20,17 @@ class Backend(Protocol):
 
     def reset(self) -> None:
         """Empty the cache for a new conversation."""
+
+
+def load_backend(bundle, name: str, threads: int = 2) -> Backend:
+    """The named backend over the bundle's program for it (imports its runtime only now)."""
+    if name not in NAMES:
+        raise PocketLMError(f"unknown backend '{name}'; choose from {', '.join(NAMES)}")
+    path = bundle.program_path(name)
+    if name == "onnx":
+        from .onnx import OnnxBackend
+
+        return OnnxBackend(path, bundle.cache_shapes(), threads)
+    from .executorch import ExecuTorchBackend
+
+    return ExecuTorchBackend(path, threads)

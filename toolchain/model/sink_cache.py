@@ -32,19 +32,21 @@ def cached_attention(
     q_sink = apply_rope(q, cos_sink, sin_sink)
     n_kv, hd, p = attn.n_kv_heads, attn.head_dim, x.shape[1]
     group = attn.n_heads // attn.n_kv_heads
-    # fold each KV head's query group into the row dim so the cache is never expanded:
-    # q: [1, n_heads, P, hd] -> [1, n_kv, group * P, hd]
-    q_win = q_win.reshape(1, n_kv, group * p, hd)
-    q_sink = q_sink.reshape(1, n_kv, group * p, hd)
-    keys = torch.cat([k_cache, k_new], dim=2)  # [1, n_kv, L + P, hd]
-    values = torch.cat([v_cache, v], dim=2)
+    # 3-D batched matmuls over the KV heads (batch 1 dropped), each KV head's query group folded
+    # into the rows, so the cache is never expanded: q: [1, n_heads, P, hd] -> [n_kv, group * P, hd]
+    q_win = q_win.reshape(n_kv, group * p, hd)
+    q_sink = q_sink.reshape(n_kv, group * p, hd)
+    n_keys = k_cache.shape[2] + p
+    keys = torch.cat([k_cache, k_new], dim=2).view(n_kv, n_keys, hd)
+    values = torch.cat([v_cache, v], dim=2).view(n_kv, n_keys, hd)
     scale = 1.0 / math.sqrt(hd)
     scores = torch.cat(
-        [q_sink @ keys[:, :, :sink_size].transpose(2, 3), q_win @ keys[:, :, sink_size:].transpose(2, 3)], dim=-1
-    )  # [1, n_kv, group * P, L + P]
-    scores = scores.view(1, n_kv, group, p, -1) * scale + mask
-    probs = torch.softmax(scores.float(), dim=-1).view(1, n_kv, group * p, -1)
-    out = (probs @ values).view(1, attn.n_heads, p, hd).transpose(1, 2).reshape(1, p, attn.n_heads * hd)
+        [torch.bmm(q_sink, keys[:, :sink_size].transpose(1, 2)), torch.bmm(q_win, keys[:, sink_size:].transpose(1, 2))],
+        dim=-1,
+    )  # [n_kv, group * P, L + P]
+    scores = scores.view(n_kv, group, p, n_keys) * scale + mask
+    probs = torch.softmax(scores, dim=-1).view(n_kv, group * p, n_keys)
+    out = torch.bmm(probs, values).view(attn.n_heads, p, hd).transpose(0, 1).reshape(1, p, attn.n_heads * hd)
     return attn.o_proj(out), k_new, v
 
 

@@ -23,8 +23,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # mean over a 4-D view [..., 1, dim] and dims (-2, -1): the same number, but the shape
+        # XNNPACK delegates (its mean takes 4-D inputs over dims (2, 3)), so no graph break.
+        lead, dim = x32.shape[:-1], x32.shape[-1]
+        ms = x32.pow(2).view(*lead, 1, dim).mean((-2, -1), keepdim=True).view(*lead, 1)
+        return self.weight * (x32 * torch.rsqrt(ms + self.eps)).to(x.dtype)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,45 @@
+"""ExecuTorch backend: the cache lives inside the .pte program as mutable buffers.
+
+ExecuTorch's Python bindings exchange torch tensors, so this backend imports torch when it is
+used (never at `import pocketlm.runtime`); on a phone the same .pte runs from C++ without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..sink_cache import StepInputs
+
+
+class ExecuTorchBackend:
+    name = "executorch"
+
+    def __init__(self, path: Path, threads: int = 2):
+        import torch
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime, Verification
+
+        self._torch = torch
+        if threads and portable_lib._threadpool_get_thread_count() != threads:
+            portable_lib._unsafe_reset_threadpool(threads)
+        self.path = Path(path)
+        self._runtime = Runtime.get()
+        self._verification = Verification.Minimal
+        self.reset()
+
+    def reset(self) -> None:
+        """A freshly loaded program has an all-zero cache."""
+        program = self._runtime.load_program(self.path, verification=self._verification)
+        # both methods come from one Program, so they share its memory-planned cache buffers
+        self.methods = {1: program.load_method("decode")}
+        self.methods[self.chunk(program)] = program.load_method("prefill")
+
+    @staticmethod
+    def chunk(program) -> int:
+        return int(program.load_method("get_prefill_chunk").execute([])[0])
+
+    def step(self, inputs: StepInputs) -> np.ndarray:
+        args = [self._torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.as_tuple()]
+        return self.methods[inputs.tokens.shape[1]].execute(args)[0][0].numpy()

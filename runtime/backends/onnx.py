@@ -1,0 +1,56 @@
+"""ONNX Runtime backend. The cache lives on the host as numpy rings bound zero-copy as the program's
+past inputs; the program returns only the new K/V slots, which are written into the rings in place,
+so no step copies the whole cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..sink_cache import StepInputs
+
+STEP_INPUTS = ("input_ids", "cos_win", "sin_win", "cos_sink", "sin_sink", "attention_bias")
+
+
+def past_names(n_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+
+
+def present_names(n_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(self, path: Path, cache_shapes, threads: int = 2):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        n = len(cache_shapes)
+        self.caches = [np.zeros(s, np.float32) for s in cache_shapes for _ in ("key", "value")]
+        self.io = self.session.io_binding()
+        for name, cache in zip(past_names(n), self.caches):
+            self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(cache))  # shares memory
+        self.outputs = ["logits", *present_names(n)]
+
+    def step(self, inputs: StepInputs) -> np.ndarray:
+        arrays = (inputs.tokens, inputs.cos_win, inputs.sin_win, inputs.cos_sink, inputs.sin_sink, inputs.mask)
+        for name, arr in zip(STEP_INPUTS, arrays):
+            self.io.bind_cpu_input(name, np.ascontiguousarray(arr))
+        for name in self.outputs:
+            self.io.bind_output(name)
+        self.session.run_with_iobinding(self.io)
+        logits, *new = self.io.copy_outputs_to_cpu()
+        for cache, fresh in zip(self.caches, new):  # fresh: [1, n_kv, P, hd]
+            cache[:, :, inputs.slots] = fresh
+        return logits[0]
+
+    def reset(self) -> None:
+        for cache in self.caches:
+            cache.fill(0.0)

@@ -1,0 +1,133 @@
+"""Exported programs (ONNX Runtime, ExecuTorch) against the PyTorch reference on the same stream."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from pocketlm.runtime.backends import load_backend
+from pocketlm.runtime.bundle import Bundle
+from pocketlm.runtime.errors import PocketLMError
+from pocketlm.runtime.generate import Generator
+from pocketlm.runtime.session import CachedSession
+from pocketlm.toolchain import export as export_mod
+from pocketlm.toolchain.export import export_bundle
+from pocketlm.toolchain.load import load_model
+from pocketlm.toolchain.reference import reference_session
+
+from conftest import TINY_VOCAB
+
+BACKENDS = ("onnx", "executorch")
+STREAM = np.random.default_rng(1).integers(3, TINY_VOCAB, 70).tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory, tiny_tokenizer_dir):
+    import shutil
+
+    from conftest import tiny_hf_model
+
+    folder = tmp_path_factory.mktemp("src") / "tiny"
+    tiny_hf_model().save_pretrained(folder)
+    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", folder / "tokenizer.json")
+    out = export_bundle(folder, tmp_path_factory.mktemp("b") / "bundle", BACKENDS, sink_size=4, window_size=12, chunk=5)
+    return folder, out
+
+
+def _session(bundle, backend):
+    return CachedSession(load_backend(bundle, backend), bundle.layout, bundle.rope_freq)
+
+
+def _feed(session, ids):
+    return np.concatenate([session.feed(ids[:17], keep_logits=True)] + [session.feed([t], keep_logits=True) for t in ids[17:]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_program_matches_the_reference_while_the_ring_wraps(tiny_bundle, backend):
+    src, out = tiny_bundle
+    bundle = Bundle.open(out)
+    model, _ = load_model(src)
+    ref = _feed(reference_session(model, bundle.layout), STREAM)
+    ours = _feed(_session(bundle, backend), STREAM)
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reset_starts_a_fresh_conversation(tiny_bundle, backend):
+    session = _session(Bundle.open(tiny_bundle[1]), backend)
+    first = session.feed(STREAM[:20], keep_logits=True)
+    session.reset()
+    assert np.abs(session.feed(STREAM[:20], keep_logits=True) - first).max() < 1e-5
+
+
+def test_onnx_io_follows_the_past_present_convention(tiny_bundle):
+    m = onnx.load(str(tiny_bundle[1] / "model.onnx"), load_external_data=False)
+    inputs, outputs = [i.name for i in m.graph.input], [o.name for o in m.graph.output]
+    assert inputs[0] == "input_ids" and "past_key_values.1.value" in inputs
+    assert outputs[0] == "logits" and "present.0.key" in outputs
+    assert (tiny_bundle[1] / "model.onnx.data").exists()
+
+
+def test_bundle_holds_programs_tokenizer_and_manifest(tiny_bundle):
+    bundle = Bundle.open(tiny_bundle[1])
+    assert bundle.backends == ["executorch", "onnx"]
+    m = bundle.manifest
+    assert m["cache"] == {"sink_size": 4, "window_size": 12, "chunk": 5}
+    assert [layer["n_kv_heads"] for layer in m["architecture"]["layers"]] == [2, 2]
+    assert (bundle.root / "tokenizer.json").exists() and (bundle.root / "model.pte").exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generation_equals_the_reference_greedy_loop(tiny_bundle, backend):
+    src, out = tiny_bundle
+    gen = Generator(out, backend)
+    got = gen.generate(STREAM[:9], max_new_tokens=40)
+    model, _ = load_model(src)
+    ref = reference_session(model, gen.bundle.layout)
+    logits, expected = ref.feed(STREAM[:9]), []
+    for _ in range(40):
+        token = int(np.argmax(logits))
+        if token in gen.stop_ids:
+            break
+        expected.append(token)
+        logits = ref.feed([token])
+    assert got.tokens == expected
+
+
+def test_a_prompt_longer_than_the_whole_cache_still_works(tiny_bundle):
+    gen = Generator(tiny_bundle[1], "onnx")
+    out = gen.generate(STREAM * 2, max_new_tokens=5)  # 140 tokens through a 16-slot cache
+    assert out.prompt_tokens == 140 and gen.session.n_seen >= 140
+
+
+def test_empty_prompt_is_refused(tiny_bundle):
+    with pytest.raises(PocketLMError, match=r"empty prompt"):
+        Generator(tiny_bundle[1], "onnx").generate([])
+
+
+def test_unknown_backend_is_refused(tiny_bundle, tmp_path):
+    with pytest.raises(PocketLMError, match=r"unknown backend \['tflite'\]"):
+        export_bundle(tiny_bundle[0], tmp_path / "x", ("tflite",))
+    with pytest.raises(PocketLMError, match=r"unknown backend 'tflite'"):
+        Generator(tiny_bundle[1], "tflite")
+
+
+def test_a_failed_export_leaves_no_bundle(tiny_bundle, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("lowering failed")
+
+    monkeypatch.setattr(export_mod, "_export_one", boom)
+    with pytest.raises(RuntimeError):
+        export_bundle(tiny_bundle[0], tmp_path / "out" / "b", ("onnx",), window_size=12, chunk=4)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_not_a_bundle_and_unknown_schema_are_refused(tiny_bundle, tmp_path):
+    with pytest.raises(PocketLMError, match=r"not a pocketlm bundle \(no manifest.json\)"):
+        Bundle.open(tmp_path)
+    manifest = json.loads((tiny_bundle[1] / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PocketLMError, match=r"schema version 99 is not supported"):
+        Bundle.open(tmp_path)

@@ -1,0 +1,59 @@
+"""ExecuTorch export (.pte, XNNPACK) of the sink-window cached step.
+
+The cache lives inside the program as mutable buffers updated in place (index_copy_ + the reinplace
+pass). Shapes are static: a `prefill` method takes `chunk` positions and a `decode` method takes 1;
+both are exported from the same module and share the cache buffers. Constant methods carry what a
+runner needs without a manifest (capacity, chunk, vocab, stop id).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pocketlm.runtime.sink_cache import CacheLayout
+
+from ..model.sink_cache import SinkCacheProgram
+from ..model.transformer import Transformer
+
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+def example_inputs(model: Transformer, layout: CacheLayout, t: int):
+    hd = model.config.head_dim
+    rope = [torch.ones(t, hd) for _ in range(4)]
+    mask = torch.zeros(t, layout.physical_len + t)
+    return (torch.zeros(1, t, dtype=torch.long), *rope, mask, torch.arange(t))
+
+
+def export_executorch(model: Transformer, layout: CacheLayout, path: Path, stop_ids: tuple[int, ...] = ()) -> Path:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    program = SinkCacheProgram(model, layout).eval()
+    constants = {
+        "get_cache_len": layout.cache_len,
+        "get_sink_size": layout.sink_size,
+        "get_window_size": layout.window_size,
+        "get_prefill_chunk": layout.chunk,
+        "get_vocab_size": model.config.vocab_size,
+        "get_head_dim": model.config.head_dim,
+        "get_n_layers": model.config.n_layers,
+    }
+    if stop_ids:
+        constants["get_eos_id"] = stop_ids[0]
+    with torch.no_grad():
+        methods = {
+            name: torch.export.export(program, example_inputs(model, layout, t), strict=False)
+            for name, t in ((PREFILL, layout.chunk), (DECODE, 1))
+        }
+        edge = to_edge_transform_and_lower(methods, partitioner=[XnnpackPartitioner()], constant_methods=constants)
+        planning = MemoryPlanningPass(share_mutable_buffers=True)  # one cache for both methods
+        et = edge.to_executorch(ExecutorchBackendConfig(run_reinplace_pass=True, memory_planning_pass=planning))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        et.write_to_file(f)
+    return path

@@ -1,0 +1,50 @@
+"""ONNX export of the sink-window cached step: one graph, dynamic step length (1 for decode, up to
+the prefill chunk), weights in one external data file, checked with the ONNX checker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pocketlm.runtime.backends.onnx import STEP_INPUTS, past_names, present_names
+from pocketlm.runtime.sink_cache import CacheLayout
+
+from ..model.sink_cache import SinkCacheStateless, cache_shapes
+from ..model.transformer import Transformer
+
+OPSET = 18
+
+
+def example_inputs(model: Transformer, layout: CacheLayout, t: int):
+    hd = model.config.head_dim
+    rope = [torch.ones(t, hd) for _ in range(4)]
+    mask = torch.zeros(t, layout.physical_len + t)
+    past = [torch.zeros(s) for s in cache_shapes(model, layout) for _ in ("key", "value")]
+    return (torch.zeros(1, t, dtype=torch.long), *rope, mask, past)
+
+
+def export_onnx(model: Transformer, layout: CacheLayout, path: Path) -> Path:
+    """Write model.onnx (+ model.onnx.data) at path."""
+    import onnx
+
+    n = model.config.n_layers
+    steps = torch.export.Dim("steps", min=1, max=max(layout.chunk, 2))
+    row = {0: steps}
+    dynamic = ({1: steps}, row, row, row, row, {0: steps, 1: steps + layout.physical_len}, [None] * (2 * n))
+    wrapper = SinkCacheStateless(model, layout).eval()
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            example_inputs(model, layout, max(layout.chunk, 2)),
+            input_names=[*STEP_INPUTS, *past_names(n)],
+            output_names=["logits", *present_names(n)],
+            dynamic_shapes=dynamic,
+            opset_version=OPSET,
+            optimize=True,
+            verbose=False,
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=True)
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
