@@ -83,7 +83,7 @@ class Generator:
                 ts = time.perf_counter()
                 logits = self.session.feed([token])
                 steps.append(time.perf_counter() - ts)
-            self.history.append(token)
+                self.history.append(token)  # history is exactly what the cache has seen
         decode_s = time.perf_counter() - t0 - ttft
         return Generation(new, self.tokenizer.decode(new), len(prompt_ids), ttft, decode_s, stopped, steps)
 

@@ -131,3 +131,42 @@ def test_not_a_bundle_and_unknown_schema_are_refused(tiny_bundle, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(PocketLMError, match=r"schema version 99 is not supported"):
         Bundle.open(tmp_path)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture
+def chat_bundle(tiny_bundle, tmp_path):
+    import shutil
+
+    out = shutil.copytree(tiny_bundle[1], tmp_path / "chat")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["tokenizer"]["chat_template"] = CHAT_TEMPLATE
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_chat_cli_answers_each_turn(chat_bundle, monkeypatch, capsys):
+    from pocketlm.toolchain import cli
+
+    lines = iter(["hello there", "and again", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert cli.main(["chat", str(chat_bundle), "--backend", "onnx", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.count("bot> ") == 2
+
+
+def test_a_second_chat_turn_feeds_only_what_the_cache_has_not_seen(chat_bundle):
+    gen = Generator(chat_bundle, "onnx")
+    messages = [{"role": "user", "content": "hello there"}]
+    first = gen.chat_turn(messages, max_new_tokens=6)
+    messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "more"}]
+    seen = gen.session.n_seen
+    second = gen.chat_turn(messages, max_new_tokens=6)
+    full = gen.chat_ids(messages)
+    assert second.prompt_tokens < len(full)  # incremental, not the whole history again
+    assert gen.session.n_seen == seen + second.prompt_tokens + len(second.tokens) - (second.stopped == "max_new_tokens")
+    assert len(gen.history) == gen.session.n_seen
