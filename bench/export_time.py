@@ -56,18 +56,24 @@ def main() -> None:
 
 
 def merge(parts: dict, out: Path) -> None:
-    """One bundle with both programs: the second backend's files and manifest entry join the first."""
+    """One bundle with both programs: the other backends' files and manifest entries join the first."""
     import shutil
 
-    first, *rest = parts.values()
-    manifest = json.loads((first / "manifest.json").read_text())
+    from pocketlm.runtime.bundle import MANIFEST, sha256_file
+
+    first, *_ = parts.values()
+    manifest = json.loads((first / MANIFEST).read_text())
     for backend, part in list(parts.items())[1:]:
-        m = json.loads((part / "manifest.json").read_text())
-        for f in m["programs"][backend]["files"]:
-            shutil.move(str(part / f), first / f)
+        m = json.loads((part / MANIFEST).read_text())
+        for f in part.iterdir():
+            if f.name != MANIFEST and not (first / f.name).exists():
+                shutil.move(str(f), first / f.name)
         manifest["programs"][backend] = m["programs"][backend]
+        for key in ("golden", "reference"):
+            manifest.setdefault(key, m.get(key))
         shutil.rmtree(part)
-    (first / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    manifest["files"] = {p.name: sha256_file(p) for p in sorted(first.iterdir()) if p.name != MANIFEST}
+    (first / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if out.exists():
         shutil.rmtree(out)
     first.rename(out)

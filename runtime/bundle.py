@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,15 @@ from .sink_cache import CacheLayout
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+GOLDEN = "golden.npz"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass
@@ -22,7 +32,9 @@ class Bundle:
     manifest: dict
 
     @classmethod
-    def open(cls, path) -> "Bundle":
+    def open(cls, path, verify: bool = True) -> "Bundle":
+        """Read the manifest; with verify, refuse any listed file that escapes the bundle, is missing,
+        or differs from its recorded sha256 (altered, truncated or replaced)."""
         root = Path(path)
         file = root / MANIFEST
         if not file.is_file():
@@ -33,7 +45,50 @@ class Bundle:
                 f"bundle schema version {manifest.get('schema_version')!r} is not supported by this runtime "
                 f"(it reads version {SCHEMA_VERSION}); re-export the bundle with this pocketlm version"
             )
-        return cls(root, manifest)
+        bundle = cls(root, manifest)
+        bundle._check_paths()
+        if verify:
+            bundle.verify()
+        return bundle
+
+    def _check_paths(self) -> None:
+        names = list(self.manifest.get("files", {}))
+        names += [p["file"] for p in self.manifest.get("programs", {}).values()]
+        names.append(self.manifest.get("tokenizer", {}).get("file", "tokenizer.json"))
+        root = self.root.resolve()
+        for name in names:
+            target = (self.root / name).resolve()
+            if Path(name).is_absolute() or root not in target.parents:
+                raise PocketLMError(
+                    f"manifest entry '{name}' points outside the bundle '{self.root}'; a bundle only refers to "
+                    "files inside its own folder: re-export it"
+                )
+
+    def verify(self) -> None:
+        files = self.manifest.get("files")
+        if not files:
+            raise PocketLMError(f"bundle '{self.root}' lists no file hashes in its manifest; re-export it")
+        tok = self.manifest.get("tokenizer", {}).get("file", "tokenizer.json")
+        if not (self.root / tok).is_file():
+            raise PocketLMError(f"bundle '{self.root}' is missing its tokenizer '{tok}'; copy it back or re-export")
+        for name, digest in files.items():
+            path = self.root / name
+            if not path.is_file():
+                raise PocketLMError(f"bundle '{self.root}' is missing '{name}', listed in its manifest; re-export it")
+            if sha256_file(path) != digest:
+                raise PocketLMError(
+                    f"'{name}' in bundle '{self.root}' does not match the sha256 in its manifest: the file was altered "
+                    "or truncated after export; re-export the bundle"
+                )
+
+    def golden(self) -> dict[str, np.ndarray]:
+        """The PyTorch reference's outputs recorded at export time (plain arrays, never pickles)."""
+        with np.load(self.root / GOLDEN, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+
+    @property
+    def reference(self) -> dict:
+        return self.manifest.get("reference", {})
 
     @property
     def layout(self) -> CacheLayout:

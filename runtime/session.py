@@ -44,3 +44,13 @@ class CachedSession:
                 outs.append(logits)
             last = logits[-1]
         return np.concatenate(outs) if keep_logits else last
+
+
+def fresh_window_logits(session: CachedSession):
+    """A perplexity LogitsFn over the cache: each window starts a new conversation."""
+
+    def logits(ids: np.ndarray) -> np.ndarray:
+        session.reset()
+        return session.feed(ids.tolist(), keep_logits=True)
+
+    return logits

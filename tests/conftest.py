@@ -100,3 +100,15 @@ def real_bundle(real, tmp_path_factory):
     from pocketlm.toolchain.export import export_bundle
 
     return export_bundle(real.source, tmp_path_factory.mktemp("real") / "bundle", ("onnx", "executorch"), **REAL_LAYOUT)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny random model exported once to both backends: (source folder, bundle folder)."""
+    from pocketlm.toolchain.export import export_bundle
+
+    folder = tmp_path_factory.mktemp("src") / "tiny"
+    tiny_hf_model().save_pretrained(folder)
+    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", folder / "tokenizer.json")
+    out = export_bundle(folder, tmp_path_factory.mktemp("b") / "bundle", ("onnx", "executorch"), sink_size=4, window_size=12, chunk=5)
+    return folder, out

@@ -22,19 +22,6 @@ BACKENDS = ("onnx", "executorch")
 STREAM = np.random.default_rng(1).integers(3, TINY_VOCAB, 70).tolist()
 
 
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory, tiny_tokenizer_dir):
-    import shutil
-
-    from conftest import tiny_hf_model
-
-    folder = tmp_path_factory.mktemp("src") / "tiny"
-    tiny_hf_model().save_pretrained(folder)
-    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", folder / "tokenizer.json")
-    out = export_bundle(folder, tmp_path_factory.mktemp("b") / "bundle", BACKENDS, sink_size=4, window_size=12, chunk=5)
-    return folder, out
-
-
 def _session(bundle, backend):
     return CachedSession(load_backend(bundle, backend), bundle.layout, bundle.rope_freq)
 

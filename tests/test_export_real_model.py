@@ -84,3 +84,12 @@ def test_generate_cli_answers_the_demo_question(real_bundle, capsys, backend):
     rc = cli.main(["generate", str(real_bundle), "--backend", backend, "--prompt", "What is the capital of France?", "--max-new-tokens", "24"])
     assert rc == 0
     assert "The capital of France is Paris." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exported_default_model_passes_parity_against_its_golden_outputs(real_bundle, backend):
+    from pocketlm.runtime.validate import validate_backend
+
+    report = validate_backend(Bundle.open(real_bundle), backend)
+    assert report["passed"], report["checks"]
+    assert report["parity"]["identical_greedy_prefix"] == [32, 32]

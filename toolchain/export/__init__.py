@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pocketlm.runtime.bundle import MANIFEST, SCHEMA_VERSION
+from pocketlm.runtime.bundle import GOLDEN, MANIFEST, SCHEMA_VERSION, sha256_file
 from pocketlm.runtime.errors import PocketLMError
 from pocketlm.runtime.sink_cache import CacheLayout
 
@@ -17,7 +17,8 @@ from ..load import load_model, load_tokenizer
 from ..model.convert import TOKENIZER_FILES
 from ..model.transformer import Transformer
 from ..sources import Source
-from ..generate import stop_token_ids
+from ..generate import chat_prompt_ids, stop_token_ids
+from .golden import golden_prompts, reference_perplexity, write_golden
 
 BACKENDS = ("onnx", "executorch")
 PROGRAM_FILES = {"onnx": "model.onnx", "executorch": "model.pte"}
@@ -54,7 +55,13 @@ def export_bundle(
         for name in TOKENIZER_FILES:
             if (src.path / name).exists():
                 shutil.copy2(src.path / name, tmp / name)
+        print("recording golden outputs and the reference perplexity (PyTorch, same cache)", flush=True)
+        prompts = golden_prompts(tmp, lambda q: chat_prompt_ids(tokenizer, q))
+        golden = write_golden(model, layout, prompts, tmp / GOLDEN)
         manifest = build_manifest(model, src, layout, programs, tokenizer)
+        manifest["golden"] = golden
+        manifest["reference"] = {"perplexity": reference_perplexity(model, layout, tmp)}
+        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out.exists():
             shutil.rmtree(out)
