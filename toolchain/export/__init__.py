@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from pocketlm.runtime.bundle import GOLDEN, MANIFEST, SCHEMA_VERSION, sha256_fil
 from pocketlm.runtime.errors import PocketLMError
 from pocketlm.runtime.sink_cache import CacheLayout
 
+from ..atomic import atomic_folder
 from ..load import load_model, load_tokenizer
 from ..model.convert import TOKENIZER_FILES
 from ..model.transformer import Transformer
@@ -40,9 +40,7 @@ def export_bundle(
     out = Path(out)
     model, src = load_model(source)
     tokenizer = load_tokenizer(src)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         programs = {}
         for backend in backends:
             t0 = time.perf_counter()
@@ -56,18 +54,14 @@ def export_bundle(
             if (src.path / name).exists():
                 shutil.copy2(src.path / name, tmp / name)
         print("recording golden outputs and the reference perplexity (PyTorch, same cache)", flush=True)
-        prompts = golden_prompts(tmp, lambda q: chat_prompt_ids(tokenizer, q))
+        chat_ids = (lambda q: chat_prompt_ids(tokenizer, q)) if tokenizer.chat_template else None
+        prompts = golden_prompts(tmp, chat_ids)
         golden = write_golden(model, layout, prompts, tmp / GOLDEN)
         manifest = build_manifest(model, src, layout, programs, tokenizer)
         manifest["golden"] = golden
         manifest["reference"] = {"perplexity": reference_perplexity(model, layout, tmp)}
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

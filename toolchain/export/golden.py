@@ -24,10 +24,13 @@ GOLDEN_STEPS = 32
 PPL_CTX, PPL_MAX_TOKENS = 512, 2048
 
 
-def golden_prompts(tokenizer_dir: Path, chat_template_ids) -> list[list[int]]:
-    """A chat question, and a passage of the default text longer than one prefill chunk."""
-    passage = Tokenizer(tokenizer_dir).encode(load_text(None, "eval"))[:100]
-    return [chat_template_ids("What is the capital of France?"), passage]
+def golden_prompts(tokenizer_dir: Path, chat_template_ids=None) -> list[list[int]]:
+    """A chat question (plain text for a model without a chat template), and a passage of the
+    default text longer than one prefill chunk."""
+    tokenizer = Tokenizer(tokenizer_dir)
+    question = "What is the capital of France?"
+    first = chat_template_ids(question) if chat_template_ids else tokenizer.encode(question)
+    return [first, tokenizer.encode(load_text(None, "eval"))[:100]]
 
 
 def write_golden(model: Transformer, layout: CacheLayout, prompts: list[list[int]], path: Path) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from pocketlm.runtime.errors import PocketLMError
 
+from ..atomic import atomic_folder
 from .config import ModelConfig, RopeScaling
 from .transformer import Transformer
 
@@ -103,9 +103,7 @@ def save_pocketlm(
 ) -> Path:
     """Write pocketlm's own model folder atomically: pocketlm_model.json, model.safetensors, tokenizer."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_embeddings:
             state.pop("lm_head.weight")
@@ -115,11 +113,6 @@ def save_pocketlm(
         for name in TOKENIZER_FILES if tokenizer_dir else ():
             if (tokenizer_dir / name).exists():
                 shutil.copy2(tokenizer_dir / name, tmp / name)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
