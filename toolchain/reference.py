@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pocketlm.runtime import rope as np_rope
 from pocketlm.runtime.session import CachedSession
 from pocketlm.runtime.sink_cache import CacheLayout, StepInputs
 
@@ -18,8 +17,7 @@ from .model.transformer import Transformer
 
 
 def rope_freq(model: Transformer) -> np.ndarray:
-    s = model.config.rope_scaling
-    return np_rope.inv_freq(model.config.head_dim, model.config.rope_theta, s.__dict__ if s else None)
+    return model.rope_inv_freq.numpy()
 
 
 class TorchBackend:

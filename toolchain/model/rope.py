@@ -10,23 +10,11 @@ from .config import ModelConfig
 
 
 def inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Per-pair rotation frequencies, [head_dim // 2], float64 so large positions stay exact."""
-    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim
-    freq = 1.0 / (config.rope_theta**exponents)
+    """Per-pair rotation frequencies, [head_dim // 2], float64; one definition, shared with the runtime."""
+    from pocketlm.runtime.rope import inv_freq as np_inv_freq
+
     s = config.rope_scaling
-    if s is None:
-        return freq
-    # Llama 3.x: long wavelengths are slowed by `factor`, short ones kept, the middle band blended.
-    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    wavelen = 2 * math.pi / freq
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor
-    )
-    blended = (1 - smooth) * freq / s.factor + smooth * freq
-    scaled = torch.where(wavelen > low_wavelen, freq / s.factor, freq)
-    is_medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
-    return torch.where(is_medium, blended, scaled)
+    return torch.from_numpy(np_inv_freq(config.head_dim, config.rope_theta, s.__dict__ if s else None))
 
 
 def cos_sin(freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
