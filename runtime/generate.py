@@ -36,6 +36,24 @@ class Generation:
         return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else 0.0
 
 
+class TextStream:
+    """Turns tokens into text pieces as they come, decoding only a short tail each time (not the whole
+    answer, which would make streaming quadratic). A piece is held back while it ends in an incomplete
+    multi-byte character; decoding from one token earlier keeps word-boundary spaces right."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.tokens, self.prefix, self.read = tokenizer, [], 0, 0
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        before = self.tokenizer.decode(self.tokens[self.prefix : self.read])
+        text = self.tokenizer.decode(self.tokens[self.prefix :])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.tokens)
+        return text[len(before):]
+
+
 class Generator:
     def __init__(self, bundle: Bundle | str, backend: str | None = None, threads: int = 2):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
@@ -64,7 +82,8 @@ class Generator:
         logits = self.session.feed(prompt_ids)
         self.history += list(prompt_ids)
         new: list[int] = []
-        steps, shown, stopped = [], "", "max_new_tokens"
+        steps, stopped = [], "max_new_tokens"
+        stream = TextStream(self.tokenizer)
         ttft = 0.0
         for i in range(max_new_tokens):
             token = choose(logits, sampling, rng)
@@ -75,10 +94,9 @@ class Generator:
                 break
             new.append(token)
             if on_text:
-                text = self.tokenizer.decode(new)
-                if not text.endswith("\ufffd"):  # wait for a multi-byte character to complete
-                    on_text(text[len(shown):])
-                    shown = text
+                piece = stream.push(token)
+                if piece:
+                    on_text(piece)
             if i + 1 < max_new_tokens:
                 ts = time.perf_counter()
                 logits = self.session.feed([token])

@@ -70,7 +70,7 @@ def load_target(name_or_path: str) -> Target:
         return Target(
             name=data["name"], description=data.get("description", ""), backend=data["backend"],
             backends=tuple(data.get("backends", [data["backend"]])), threads=int(data["threads"]),
-            cache=data["cache"], quantization=data.get("quantization", {}), budgets=data.get("budgets", {}),
+            cache=data["cache"], quantization={"default": "fp32", "supported": ["fp32"], **data.get("quantization", {})}, budgets=data.get("budgets", {}),
             parity=data.get("parity", {}), delegate=data.get("delegate", ""),
         )
     except KeyError as e:

@@ -8,6 +8,7 @@ import numpy as np
 from . import perplexity as ppl_protocol
 from .backends import load_backend
 from .bundle import Bundle
+from .errors import PocketLMError
 from .session import CachedSession, fresh_window_logits
 from .text import load_text
 from .tokenizer import Tokenizer
@@ -92,3 +93,61 @@ def _binned(token_nll: np.ndarray, ctx: int, bins: int = 16) -> dict:
     per_pos = token_nll[: n_windows * (ctx - 1)].reshape(n_windows, ctx - 1).mean(0)
     edges = np.linspace(0, ctx - 1, bins + 1).astype(int)
     return {"position": [int(e) + 1 for e in edges[:-1]], "nll": [float(per_pos[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])]}
+
+
+def validate_bundle(bundle_path, backends=None, target=None, text=None, threads: int | None = None,
+                    profile: dict | None = None) -> dict:
+    """Parity and perplexity on each backend; with a target, its parity thresholds and its budgets.
+
+    Budgets need latency and memory: they come from `profile` when given (one already measured),
+    else from a profile run here at the target's thread count.
+    """
+    from .profile import best_point, file_sizes, profile_bundle
+    from .targets import budget_checks, load_target
+
+    bundle = Bundle.open(bundle_path)
+    target = load_target(target) if isinstance(target, str) else target
+    if not backends:  # all the bundle's programs the target can run
+        backends = [b for b in bundle.backends if not target or b in target.backends]
+        if not backends:
+            raise PocketLMError(f"target '{target.name}' runs {', '.join(target.backends)}, and bundle '{bundle.root}' "
+                                f"has only {', '.join(bundle.backends)}; export for the target's backend")
+    backends = list(backends)
+    if target:
+        target.check_request(backends, bundle.manifest.get("quantization", {}).get("scheme"))
+    threads = threads or (target.threads if target else 2)
+    results = {b: validate_backend(bundle, b, text, target.parity if target else None, threads) for b in backends}
+    budgets = {}
+    if target and target.budgets:
+        profile = profile or profile_bundle(bundle.root, backends, [threads])
+        sizes = file_sizes(bundle)["programs"]
+        for b in backends:
+            point = best_point(profile, b, threads)
+            budgets[b] = budget_checks(target, point, sizes[b])
+            results[b]["checks"] += budgets[b]
+            results[b]["passed"] = all(c["passed"] for c in results[b]["checks"])
+    return {
+        "bundle": str(bundle.root), "target": target.name if target else None, "threads": threads,
+        "text": str(text) if text else "default:eval", "backends": results,
+        "passed": all(r["passed"] for r in results.values()),
+    }
+
+
+def checks_table(report: dict) -> str:
+    """One row per backend and check: value, limit, PASS or FAIL."""
+    rows = [("backend", "check", "value", "limit", "result")]
+    for b, r in report["backends"].items():
+        for c in r["checks"]:
+            rows.append((b, c["check"], _fmt(c["value"], c["unit"]), _fmt(c["limit"], c["unit"]), "PASS" if c["passed"] else "FAIL"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _fmt(v, unit: str) -> str:
+    if unit == "bytes":
+        return f"{v / 1e6:.1f} MB"
+    if isinstance(v, float):
+        text = f"{v:.3g}" if abs(v) < 1e-2 else f"{v:.4g}"
+    else:
+        text = str(v)
+    return f"{text} {unit}".strip()

@@ -25,13 +25,3 @@ def test_bad_source_exits_2_with_the_message(tmp_path, capsys):
 def test_unknown_subcommand_is_an_argparse_error():
     with pytest.raises(SystemExit):
         cli.main(["frobnicate"])
-
-
-@pytest.mark.real_model
-def test_run_answers_the_demo_question_on_the_default_model(real, tmp_path):
-    from pocketlm.toolchain.pipeline import run
-
-    summary = run(source="default", ppl_max_tokens=1024, out=tmp_path)
-    assert summary["answer"] == "The capital of France is Paris."
-    assert 5 < summary["perplexity"]["ppl"] < 40
-    assert json.loads((tmp_path / "run.json").read_text())["answer"] == summary["answer"]

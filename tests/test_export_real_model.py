@@ -86,10 +86,24 @@ def test_generate_cli_answers_the_demo_question(real_bundle, capsys, backend):
     assert "The capital of France is Paris." in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_exported_default_model_passes_parity_against_its_golden_outputs(real_bundle, backend):
-    from pocketlm.runtime.validate import validate_backend
+def test_exported_default_model_validates_profiles_and_reports_against_its_target(real_bundle, tmp_path):
+    """The runtime half end to end on the real model: golden parity and perplexity on both backends,
+    budgets of generic-x86-cpu from a profile, and the report rendered in a real browser."""
+    from pocketlm.runtime.profile import profile_bundle
+    from pocketlm.runtime.report import build_report, write_report
+    from pocketlm.runtime.validate import validate_bundle
 
-    report = validate_backend(Bundle.open(real_bundle), backend)
-    assert report["passed"], report["checks"]
-    assert report["parity"]["identical_greedy_prefix"] == [32, 32]
+    from test_report import CHROMIUM, _render
+
+    profile = profile_bundle(real_bundle, None, [2], runs=1, new_tokens=32)
+    report = validate_bundle(real_bundle, None, "generic-x86-cpu", threads=2, profile=profile)
+    for backend in BACKENDS:
+        r = report["backends"][backend]
+        assert r["passed"], r["checks"]
+        assert r["parity"]["identical_greedy_prefix"] == [32, 32]
+        assert abs(r["perplexity"]["delta_pct"]) < 0.1
+        point = next(p for p in profile["points"] if p["backend"] == backend)
+        assert point["decode_tok_s"] > 10 and point["peak_rss_bytes"] > 300e6  # the weights alone are 540 MB in fp32
+    _, html = write_report(build_report(real_bundle, report, profile), tmp_path)
+    if CHROMIUM:
+        assert 'data-plots-rendered="6"' in _render(html, tmp_path)

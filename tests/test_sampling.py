@@ -47,3 +47,26 @@ def test_chat_template_renders_in_a_sandbox():
     assert render(t, [{"role": "user", "content": "hi"}]) == "<user>hi<assistant>"
     with pytest.raises(PocketLMError, match=r"no chat template"):
         render(None, [])
+
+
+def test_streamed_text_pieces_join_to_the_full_decode():
+    """Streaming decodes only a short tail per token; the pieces must still add up exactly,
+    multi-byte characters and word-boundary spaces included."""
+    import numpy as np
+
+    from pocketlm.runtime.generate import TextStream
+    from pocketlm.runtime.tokenizer import Tokenizer
+    from pocketlm.toolchain.sources import resolve
+
+    tok = Tokenizer(resolve("default").path)
+    texts = ["naïve café — 日本語のテキスト 🙂🙂 done.", " leading space and\nnew lines\n\n  indented"]
+    rng = np.random.default_rng(0)
+    seqs = [tok.encode(t) for t in texts] + [rng.integers(0, tok.vocab_size, 200).tolist()]
+    for ids in seqs:
+        stream = TextStream(tok)
+        pieces = [stream.push(i) for i in ids]
+        joined = "".join(pieces)
+        full = tok.decode(ids)
+        assert full.startswith(joined) and len(full) - len(joined) <= 4  # only an unfinished character held back
+        if "\ufffd" not in full:
+            assert joined == full

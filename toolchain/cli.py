@@ -12,8 +12,57 @@ from pocketlm.runtime.errors import PocketLMError
 
 def _cmd_run(args) -> int:
     from .pipeline import run
+    from .recipe import Recipe, load_recipe
 
-    run(source=args.source, out=args.out)
+    recipe = load_recipe(args.recipe) if args.recipe else Recipe(out="out/pocketlm")
+    if args.source:
+        recipe.source = args.source
+    summary = run(recipe, out=args.out)
+    return 0 if summary["passed"] else 1
+
+
+def _cmd_validate(args) -> int:
+    from pocketlm.runtime.validate import checks_table, validate_bundle
+
+    report = validate_bundle(args.bundle, args.backend, args.target, args.text, args.threads)
+    print(checks_table(report))
+    print(f"validation {'PASSED' if report['passed'] else 'FAILED'}")
+    _write_json(Path(args.json) if args.json else Path(args.bundle) / "validation.json", report)
+    return 0 if report["passed"] else 1
+
+
+def _cmd_profile(args) -> int:
+    from pocketlm.runtime.profile import profile_bundle
+
+    def show(p):
+        print(f"{p['backend']:<10} {p['threads']:>2} threads  load {p['load_s']:.2f} s  TTFT {p['ttft_ms']:.0f} ms  "
+              f"prefill {p['prefill_tok_s']:.1f} tok/s  decode {p['decode_tok_s']:.1f} tok/s  "
+              f"peak RSS {p['peak_rss_bytes'] / 1e6:.0f} MB", flush=True)
+
+    result = profile_bundle(args.bundle, args.backend, args.threads, on_result=show,
+                            prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs)
+    for b, size in result["files"]["programs"].items():
+        print(f"{b:<10} program {size / 1e6:.1f} MB")
+    _write_json(Path(args.json) if args.json else Path(args.bundle) / "profile.json", result)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from pocketlm.runtime.report import build_report, write_report
+
+    def read(path, name):
+        p = Path(path) if path else Path(args.bundle) / name
+        if not p.is_file():
+            if path:
+                raise PocketLMError(f"'{p}' does not exist; write it with `pocketlm {name.split('.')[0]} BUNDLE`")
+            return None
+        return json.loads(p.read_text())
+
+    validation, profile = read(args.validation, "validation.json"), read(args.profile, "profile.json")
+    if validation is None and profile is None:
+        raise PocketLMError(f"nothing to report in '{args.bundle}': run `pocketlm validate` and/or `pocketlm profile` on it first")
+    _, html = write_report(build_report(args.bundle, validation, profile), args.out or args.bundle)
+    print(f"report: {html}")
     return 0
 
 
@@ -109,10 +158,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pocketlm", description="Make a causal LM phone-ready, and prove it still behaves.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="the main job on a source (default: the built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--source", default="default", help="HF folder, .gguf file, pocketlm folder, or 'default'")
-    p.add_argument("--out", default=None, help="folder for run.json")
+    p = sub.add_parser("run", help="the main job: export -> profile -> validate -> report (default: built-in model)")
+    p.add_argument("recipe", nargs="?", default=None, help="recipe TOML (default: the built-in recipe)")
+    p.add_argument("--source", default=None, help="override the recipe's source (HF folder, .gguf, pocketlm folder, 'default')")
+    p.add_argument("--out", default=None, help="output folder (default: the recipe's, else out/pocketlm)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("validate", help="parity, perplexity and target budgets of a bundle; non-zero exit on failure")
+    p.add_argument("bundle")
+    p.add_argument("--backend", action="append", choices=["onnx", "executorch"], help="repeat for several (default: all in the bundle)")
+    p.add_argument("--target", default=None, help="target profile name (targets/*.toml) or path")
+    p.add_argument("--text", default=None, help="UTF-8 text file for the perplexity check (default: the eval split)")
+    p.add_argument("--threads", type=int, default=None, help="default: the target's, else 2")
+    p.add_argument("--json", default=None, help="default: BUNDLE/validation.json")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("profile", help="load time, TTFT, prefill/decode tokens/s, peak RSS and sizes per backend and threads")
+    p.add_argument("bundle")
+    p.add_argument("--backend", action="append", choices=["onnx", "executorch"], help="repeat for several (default: all)")
+    p.add_argument("--threads", type=int, action="append", help="repeat for a sweep (default: 1, 2 and 4 where the cores exist)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up; medians are reported")
+    p.add_argument("--json", default=None, help="default: BUNDLE/profile.json")
+    p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser("report", help="report.json + self-contained report.html from validation.json and profile.json")
+    p.add_argument("bundle")
+    p.add_argument("--validation", default=None, help="default: BUNDLE/validation.json")
+    p.add_argument("--profile", default=None, help="default: BUNDLE/profile.json")
+    p.add_argument("--out", default=None, help="folder for the report (default: the bundle)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("eval", help="perplexity of a source on a text (non-overlapping windows)")
     p.add_argument("source", help="HF folder, .gguf file, pocketlm folder, or 'default'")

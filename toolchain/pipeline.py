@@ -1,66 +1,78 @@
-"""`pocketlm run`: the main job. Today: load the source, answer a chat prompt, measure perplexity."""
+"""`pocketlm run [RECIPE]`: the main job. Source -> export to each backend with the sink-window cache ->
+validate (parity, perplexity, budgets) -> profile -> report, with a summary table at the end."""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
-import torch
+from pocketlm.runtime.errors import PocketLMError
 
-from .evaluate import evaluate_perplexity
-from .generate import chat_prompt_ids, greedy, stop_token_ids
-from .load import load_model, load_tokenizer
+from .recipe import Recipe
 
 DEMO_PROMPT = "What is the capital of France?"
 
 
-def run(
-    source: str = "default",
-    prompt: str = DEMO_PROMPT,
-    max_new_tokens: int = 48,
-    ppl_max_tokens: int = 8192,
-    out: str | os.PathLike | None = None,
-) -> dict:
-    t0 = time.perf_counter()
-    print(f"[1/3] loading {source}", flush=True)
-    model, src = load_model(source)
-    tokenizer = load_tokenizer(src)
-    load_s = time.perf_counter() - t0
+def run(recipe: Recipe | None = None, out: str | None = None, prompt: str = DEMO_PROMPT) -> dict:
+    """Run every stage of the recipe (default recipe: default model, generic-x86-cpu target)."""
+    from pocketlm.runtime.generate import Generator
+    from pocketlm.runtime.profile import default_thread_sweep, profile_bundle
+    from pocketlm.runtime.report import SUMMARY_HEAD, build_report, summary_rows, write_report
+    from pocketlm.runtime.validate import checks_table, validate_bundle
 
-    print(f"[2/3] chat: {prompt}", flush=True)
+    from .export import export_bundle
+
+    recipe = recipe or Recipe(out="out/pocketlm")
+    root = Path(out or recipe.out)
+    target = recipe.resolved_target()
+    backends = list(recipe.export.backends)
+    if recipe.quantize:
+        raise PocketLMError("recipe [quantize]: quantization is not in `pocketlm run` yet; remove the table")
+    target.check_request(backends, "fp32")  # before any compute
+    cache = recipe.cache(target)
+    threads = sorted(set(recipe.profile.threads or default_thread_sweep()) | {target.threads})
+    timings, t0 = {}, time.perf_counter()
+
+    print(f"[1/4] export {recipe.source} -> {', '.join(backends)} (cache {cache['sink_size']} sinks + "
+          f"{cache['window_size']} window, chunk {cache['chunk']}; target {target.name})", flush=True)
+    bundle = export_bundle(recipe.source, root / "bundle", tuple(backends), **cache)
+    timings["export"] = time.perf_counter() - t0
+
+    gen = Generator(bundle, backends[0], target.threads)
+    answer = gen.generate(gen.chat_ids([{"role": "user", "content": prompt}]) if gen.bundle.chat_template
+                          else gen.tokenizer.encode(prompt), max_new_tokens=48).text.strip()
+    print(f"      {prompt} -> {answer}", flush=True)
+    del gen
+
+    print(f"[2/4] profile: {', '.join(backends)} at {threads} threads, each in its own process", flush=True)
     t1 = time.perf_counter()
-    print("      ", end="", flush=True)
-    new = greedy(
-        model,
-        chat_prompt_ids(tokenizer, prompt),
-        max_new_tokens,
-        stop_token_ids(model, tokenizer),
-        on_token=lambda t: print(tokenizer.decode([t]), end="", flush=True),
+    profile = profile_bundle(
+        bundle, backends, threads, prompt_tokens=recipe.profile.prompt_tokens, new_tokens=recipe.profile.new_tokens,
+        runs=recipe.profile.runs,
+        on_result=lambda p: print(f"      {p['backend']:<10} {p['threads']} thr: TTFT {p['ttft_ms']:.0f} ms, prefill "
+                                  f"{p['prefill_tok_s']:.1f} tok/s, decode {p['decode_tok_s']:.1f} tok/s", flush=True),
     )
-    print(flush=True)
-    answer = tokenizer.decode(new, skip_special_tokens=True).strip()
-    chat_s = time.perf_counter() - t1
+    timings["profile"] = time.perf_counter() - t1
 
-    print("[3/3] perplexity on the default text (eval split)", flush=True)
-    ppl = evaluate_perplexity(src, max_tokens=ppl_max_tokens)
-    summary = {
-        "source": src.describe(),
-        "parameters": model.num_parameters(),
-        "prompt": prompt,
-        "answer": answer,
-        "perplexity": ppl.to_dict(),
-        "timings_s": {"load": round(load_s, 2), "chat": round(chat_s, 2)},
-        "torch_threads": torch.get_num_threads(),
-    }
-    print(f"\nmodel      {src.name} ({model.num_parameters() / 1e6:.1f}M parameters)")
-    print(f"answer     {answer}")
-    print(f"perplexity {ppl.ppl:.3f} over {ppl.tokens} tokens (ctx {ppl.ctx})")
-    if out:
-        path = Path(out)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "run.json").write_text(json.dumps(summary, indent=2))
-        print(f"summary    {path / 'run.json'}", file=sys.stdout)
+    print(f"[3/4] validate against the golden outputs and target {target.name}", flush=True)
+    t2 = time.perf_counter()
+    validation = validate_bundle(bundle, backends, target, recipe.validate.text, target.threads, profile=profile)
+    timings["validate"] = time.perf_counter() - t2
+    print(checks_table(validation), flush=True)
+
+    print("[4/4] report", flush=True)
+    report = build_report(bundle, validation, profile, {"prompt": prompt, "answer": answer, "target": target.name,
+                                                         "timings_s": {k: round(v, 1) for k, v in timings.items()}})
+    json_path, html_path = write_report(report, bundle)
+    summary = {"bundle": str(bundle), "report_html": str(html_path), "report_json": str(json_path),
+               "passed": validation["passed"], "answer": answer, "timings_s": report["timings_s"]}
+    (root / "run.json").write_text(json.dumps(summary, indent=2))
+
+    rows = summary_rows(report)
+    widths = [max(len(str(r[i])) for r in [SUMMARY_HEAD, *rows]) for i in range(len(SUMMARY_HEAD))]
+    print()
+    for r in [SUMMARY_HEAD, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"\nvalidation {'PASSED' if validation['passed'] else 'FAILED'}; report: {html_path}")
     return summary
