@@ -77,12 +77,21 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_quantize(args) -> int:
+    from .quantize import quantize_source
+
+    out = quantize_source(args.source, args.out, scheme=args.scheme, group_size=args.group_size,
+                          symmetric=not args.asymmetric, head=args.head, calib=args.calib, awq_results=args.awq_results)
+    print(f"quantized model folder written to {out}")
+    return 0
+
+
 def _cmd_export(args) -> int:
     from .export import export_bundle
 
     out = export_bundle(
         args.source, args.out, tuple(args.backend or ("onnx", "executorch")),
-        sink_size=args.sink_size, window_size=args.window_size, chunk=args.chunk,
+        sink_size=args.sink_size, window_size=args.window_size, chunk=args.chunk, onnx_int4=args.onnx_int4,
     )
     print(f"bundle written to {out}")
     return 0
@@ -198,12 +207,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the result as JSON here")
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("quantize", help="quantize a source's weights into a pocketlm model folder (a SOURCE for eval/export)")
+    p.add_argument("source", help="HF folder, .gguf file, pocketlm folder, or 'default'")
+    p.add_argument("--scheme", default="w4-awq", help="w4-awq (default), w4-rtn, w8-rtn")
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size along the input (default 64; must divide the layer widths)")
+    p.add_argument("--asymmetric", action="store_true", help="asymmetric groups (zero points) instead of symmetric")
+    p.add_argument("--head", default="float", choices=["float", "int8", "same"],
+                   help="the LM head (tied to the embedding in SmolLM2): keep float (default), int8 per channel, or the scheme's own")
+    p.add_argument("--calib", default=None, help="UTF-8 calibration text (default: the calib split of the default prose)")
+    p.add_argument("--awq-results", default=None, help="re-apply a saved AWQ search (awq.json) instead of searching")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.set_defaults(func=_cmd_quantize)
+
     p = sub.add_parser("export", help="export a source to a bundle (ONNX and/or ExecuTorch) with the sink-window cache")
     p.add_argument("source", help="HF folder, .gguf file, pocketlm folder, or 'default'")
     p.add_argument("--backend", action="append", choices=["onnx", "executorch"], help="repeat for several (default: both)")
     p.add_argument("--sink-size", type=int, default=4, help="attention-sink slots kept forever (default 4)")
     p.add_argument("--window-size", type=int, default=508, help="rolling-window slots (default 508)")
     p.add_argument("--chunk", type=int, default=32, help="prefill chunk length in tokens (default 32)")
+    p.add_argument("--onnx-int4", default="auto", choices=["auto", "int8", "float", "off"],
+                   help="for an int4-quantized source: MatMulNBits with int8 activations (auto/int8), with float "
+                        "activations (float), or plain float32 MatMuls (off)")
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.set_defaults(func=_cmd_export)
 

@@ -14,13 +14,17 @@ from pocketlm.runtime.sink_cache import CacheLayout
 
 from ..atomic import atomic_folder
 from ..load import load_model, load_tokenizer
-from ..model.convert import TOKENIZER_FILES
+from ..model.convert import TOKENIZER_FILES, pocketlm_meta
 from ..model.transformer import Transformer
 from ..sources import Source
 from ..generate import chat_prompt_ids, stop_token_ids
 from .golden import golden_prompts, reference_perplexity, write_golden
 
 BACKENDS = ("onnx", "executorch")
+ONNX_INT4 = ("auto", "int8", "float", "off")
+# What a program with dynamically quantized int8 activations can promise against the float reference
+# (the weights are identical; only the activations are rounded per token inside each matmul).
+INT8_ACTIVATION_PARITY = {"max_logits_abs": 1.0, "min_cosine": 0.995, "min_top1": 0.9, "max_ppl_delta_pct": 3.0}
 PROGRAM_FILES = {"onnx": "model.onnx", "executorch": "model.pte"}
 
 
@@ -31,14 +35,22 @@ def export_bundle(
     sink_size: int = 4,
     window_size: int = 508,
     chunk: int = 32,
+    onnx_int4: str = "auto",
 ) -> Path:
-    """Write a bundle at `out` atomically: everything goes to a temp folder that is renamed at the end."""
+    """Write a bundle at `out` atomically: everything goes to a temp folder that is renamed at the end.
+
+    onnx_int4: for a source quantized to symmetric int4 groups, "int8" runs ONNX Runtime's
+    MatMulNBits with int8 activations (its fastest CPU path; "auto" picks it), "float" the same
+    kernels with float32 activations (matches PyTorch closely), "off" keeps float32 MatMuls."""
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         raise PocketLMError(f"unknown backend {unknown or '(none)'}; choose from {', '.join(BACKENDS)}")
     layout = CacheLayout(sink_size, window_size, chunk)  # validated before any compute
+    if onnx_int4 not in ONNX_INT4:
+        raise PocketLMError(f"onnx_int4={onnx_int4!r}: choose one of {', '.join(ONNX_INT4)}")
     out = Path(out)
     model, src = load_model(source)
+    int4_group = _int4_group(src) if onnx_int4 != "off" else None
     tokenizer = load_tokenizer(src)
     with atomic_folder(out) as tmp:
         programs = {}
@@ -47,8 +59,17 @@ def export_bundle(
             print(f"exporting {backend} (cache {sink_size} sinks + {window_size} window, chunk {chunk})", flush=True)
             path = tmp / PROGRAM_FILES[backend]
             _export_one(backend, model, layout, path, stop_token_ids(model, tokenizer))
+            extra = {}
+            if backend == "onnx" and int4_group:
+                from .onnx_int4 import to_matmul_nbits
+
+                level = 0 if onnx_int4 == "float" else 4
+                n = to_matmul_nbits(path, int4_group, level)
+                extra = {"weights": f"int4 MatMulNBits, group {int4_group}, {n} matmuls",
+                         "activations": "int8 (dynamic, inside MatMulNBits)" if level else "float32",
+                         "parity_thresholds": INT8_ACTIVATION_PARITY if level else {}}
             files = sorted(p.name for p in tmp.iterdir() if p.name.startswith(path.name))
-            programs[backend] = {"file": path.name, "files": files, "export_s": round(time.perf_counter() - t0, 1)}
+            programs[backend] = {"file": path.name, "files": files, "export_s": round(time.perf_counter() - t0, 1), **extra}
             print(f"  {backend}: {programs[backend]['export_s']} s", flush=True)
         for name in TOKENIZER_FILES:
             if (src.path / name).exists():
@@ -65,6 +86,16 @@ def export_bundle(
     return out
 
 
+def _int4_group(src: Source) -> int | None:
+    """The group size when the source's weights are symmetric int4 groups (the int4 fast path's input)."""
+    if src.kind != "pocketlm":
+        return None
+    w = (pocketlm_meta(src.path).get("quantization") or {}).get("weights", {})
+    if w.get("bits") == 4 and w.get("symmetric") and w.get("group_size"):
+        return int(w["group_size"])
+    return None
+
+
 def _export_one(backend: str, model: Transformer, layout: CacheLayout, path: Path, stop_ids) -> None:
     if backend == "onnx":
         from .onnx_export import export_onnx
@@ -78,14 +109,19 @@ def _export_one(backend: str, model: Transformer, layout: CacheLayout, path: Pat
 
 def build_manifest(model: Transformer, src: Source, layout: CacheLayout, programs: dict, tokenizer) -> dict:
     c = model.config
+    meta = pocketlm_meta(src.path) if src.kind == "pocketlm" else {}
+    quant = meta.get("quantization")
     return {
         "schema_version": SCHEMA_VERSION,
         "source": src.describe(),
-        "stages": [],
+        "stages": meta.get("stages", []),
         "architecture": c.to_dict(),
         "rope": {"head_dim": c.head_dim, "theta": c.rope_theta, "scaling": c.rope_scaling.__dict__ if c.rope_scaling else None},
         "cache": {"sink_size": layout.sink_size, "window_size": layout.window_size, "chunk": layout.chunk},
-        "quantization": {"scheme": "fp32"},
+        "quantization": {"scheme": quant["scheme"], "description": quant["description"], "weights": quant["weights"],
+                         "head": quant["head"], "activations": quant["activations"],
+                         "programs": "float32 programs of the dequantized weights", "layers": quant["layers"]}
+        if quant else {"scheme": "fp32"},
         "programs": programs,
         "tokenizer": {
             "file": "tokenizer.json",

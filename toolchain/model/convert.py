@@ -99,9 +99,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 def save_pocketlm(
-    model: Transformer, folder: str | os.PathLike, tokenizer_dir: Path | None = None, extra: dict | None = None
+    model: Transformer, folder: str | os.PathLike, tokenizer_dir: Path | None = None, extra: dict | None = None,
+    files: dict[str, str] | None = None,
 ) -> Path:
-    """Write pocketlm's own model folder atomically: pocketlm_model.json, model.safetensors, tokenizer."""
+    """Write pocketlm's own model folder atomically: pocketlm_model.json, model.safetensors, tokenizer,
+    and any extra text files (name -> content) a stage records beside the weights."""
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -110,6 +112,8 @@ def save_pocketlm(
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         meta = {"config": model.config.to_dict(), **(extra or {})}
         (tmp / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         for name in TOKENIZER_FILES if tokenizer_dir else ():
             if (tokenizer_dir / name).exists():
                 shutil.copy2(tokenizer_dir / name, tmp / name)
@@ -125,3 +129,8 @@ def load_pocketlm(folder: Path) -> Transformer:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True)
     return model.float().eval()
+
+
+def pocketlm_meta(folder: Path) -> dict:
+    """What earlier stages recorded in a pocketlm folder (stages, quantization), beside the config."""
+    return json.loads((Path(folder) / MODEL_FILE).read_text())

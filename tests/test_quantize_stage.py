@@ -1,0 +1,83 @@
+"""`pocketlm quantize` as a stage: a model folder every later stage accepts, decisions on record,
+AWQ results re-applicable, bad settings refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pocketlm.runtime.errors import PocketLMError
+from pocketlm.toolchain import cli
+from pocketlm.toolchain.quant.awq import AwqConfig
+from pocketlm.toolchain.quantize import quantize_source
+
+FAST_AWQ = AwqConfig(n_grid=5, clip_grid=10, search_tokens=256, gram_tokens=512)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_quantized_folder_is_a_source_for_eval_and_records_every_decision(tiny_hf_folder, tmp_path, capsys):
+    out = quantize_source(tiny_hf_folder, tmp_path / "q", scheme="w4-awq", group_size=16, awq_config=FAST_AWQ, calib_seqs=2)
+    meta = json.loads((out / "pocketlm_model.json").read_text())
+    q = meta["quantization"]
+    assert q["scheme"] == "w4-awq" and q["weights"] == {"bits": 4, "group_size": 16, "symmetric": True}
+    assert q["layers"]["model.layers.0.mlp.down_proj"]["bits"] == 4
+    assert q["layers"]["lm_head"].get("float") is True  # the tied head's explicit choice
+    assert meta["stages"][-1]["stage"] == "quantize" and meta["stages"][-1]["awq_results"] == "awq.json"
+    # weights lie on the int4 grid: at most 2*7+1 distinct values per 16-weight group
+    w = load_file(str(out / "model.safetensors"))["model.layers.1.self_attn.o_proj.weight"]
+    assert max(len(torch.unique(g)) for g in w.reshape(-1, 16)) <= 15
+    assert cli.main(["eval", str(out), "--max-tokens", "512", "--ctx", "128"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_saved_awq_results_reproduce_the_same_weights(tiny_hf_folder, tmp_path):
+    first = quantize_source(tiny_hf_folder, tmp_path / "a", scheme="w4-awq", group_size=16, awq_config=FAST_AWQ, calib_seqs=2)
+    again = quantize_source(tiny_hf_folder, tmp_path / "b", scheme="w4-awq", group_size=16, awq_results=first / "awq.json")
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(PocketLMError, match=r"was searched for int4 g16 sym, not int4 g8 sym"):
+        quantize_source(tiny_hf_folder, tmp_path / "c", scheme="w4-awq", group_size=8, awq_results=first / "awq.json")
+
+
+@pytest.mark.parametrize("onnx_int4", ["int8", "float", "off"])
+def test_export_of_an_int4_folder_runs_matmulnbits_and_passes_parity(tiny_hf_folder, tmp_path, onnx_int4):
+    import onnx
+
+    from pocketlm.runtime.bundle import Bundle
+    from pocketlm.runtime.validate import validate_backend
+    from pocketlm.toolchain.export import export_bundle
+
+    q = quantize_source(tiny_hf_folder, tmp_path / "q", scheme="w4-rtn", group_size=16)
+    bundle = Bundle.open(export_bundle(q, tmp_path / "bundle", ("onnx",), sink_size=4, window_size=12, chunk=5, onnx_int4=onnx_int4))
+    m = bundle.manifest
+    assert m["quantization"]["scheme"] == "w4-rtn" and m["stages"][0]["stage"] == "quantize"
+    assert m["quantization"]["layers"]["model.layers.0.self_attn.q_proj"]["group_size"] == 16
+    ops = [n.op_type for n in onnx.load(str(bundle.root / "model.onnx"), load_external_data=False).graph.node]
+    # 2 layers x 7 linears become MatMulNBits; the float (tied) LM head stays a MatMul
+    assert ops.count("MatMulNBits") == (0 if onnx_int4 == "off" else 14)
+    report = validate_backend(bundle, "onnx")
+    assert report["passed"], report["checks"]
+    if onnx_int4 != "int8":  # same weights, float activations: as close as the float program
+        assert report["parity"]["max_logits_abs"] < 1e-4
+
+
+def test_bad_quantization_settings_are_refused_by_name(tiny_hf_folder, tmp_path, capsys):
+    assert cli.main(["quantize", str(tiny_hf_folder), "--scheme", "w3-magic", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown scheme 'w3-magic'; choose from w8-rtn, w4-rtn, w4-awq" in capsys.readouterr().err
+    assert cli.main(["quantize", str(tiny_hf_folder), "--scheme", "w4-rtn", "--group-size", "40", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "group size 40" in err and "48" in err
+    assert not (tmp_path / "x").exists()  # nothing half-written
+    q = quantize_source(tiny_hf_folder, tmp_path / "q", scheme="w8-rtn")
+    with pytest.raises(PocketLMError, match=r"is already quantized \(w8-rtn\); quantize the float model instead"):
+        quantize_source(q, tmp_path / "qq", scheme="w4-rtn", group_size=16)

@@ -1,0 +1,125 @@
+"""`pocketlm quantize`: weight quantization as a pipeline stage. Writes a pocketlm model folder whose
+weights are the dequantized values (so `eval`, `export` and later stages read it as any SOURCE),
+plus the scheme, every per-layer decision and the AWQ search results as data (re-applicable)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pocketlm.runtime.errors import PocketLMError
+from pocketlm.runtime.text import load_text
+from pocketlm.runtime.tokenizer import Tokenizer
+
+from .load import load_model
+from .model.convert import MODEL_FILE, save_pocketlm
+from .quant.awq import HEAD_CHOICES, AwqConfig, AwqResult, awq_search, quantize_model_
+from .quant.rtn import WeightQuantSpec
+from .sources import Source, resolve
+
+AWQ_FILE = "awq.json"
+DEFAULT_GROUP_SIZE = 64
+CALIB_SEQ, CALIB_SEQS = 512, 16  # 8,192 calibration tokens by default
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    bits: int
+    per_channel: bool  # else group-wise
+    awq: bool
+    description: str
+
+
+SCHEMES = {
+    "w8-rtn": Scheme("w8-rtn", 8, True, False, "int8 weights, symmetric per output channel, round-to-nearest; float activations"),
+    "w4-rtn": Scheme("w4-rtn", 4, False, False, "int4 weights, group-wise along the input, round-to-nearest; float activations"),
+    "w4-awq": Scheme("w4-awq", 4, False, True, "int4 weights, group-wise, AWQ scales and clipping; float activations"),
+}
+PLANNED = {"w8a8-int": "integer-only int8 (fixed-point requantization)", "w4a8-int": "integer-only int4 weights x int8 activations"}
+
+
+def scheme_spec(scheme: str, group_size: int | None = DEFAULT_GROUP_SIZE, symmetric: bool = True) -> tuple[Scheme, WeightQuantSpec]:
+    if scheme in PLANNED:
+        raise PocketLMError(f"scheme '{scheme}' ({PLANNED[scheme]}) is not implemented yet; available: {', '.join(SCHEMES)}")
+    if scheme not in SCHEMES:
+        raise PocketLMError(f"unknown scheme '{scheme}'; choose from {', '.join(SCHEMES)}")
+    s = SCHEMES[scheme]
+    return s, WeightQuantSpec(s.bits, None if s.per_channel else group_size, symmetric)
+
+
+def calibration_tokens(tokenizer_dir: Path, calib: str | os.PathLike | None, seq: int = CALIB_SEQ, n_seqs: int = CALIB_SEQS) -> torch.Tensor:
+    """[n, seq] token windows of the calibration text (default: the calib split of the default prose)."""
+    body = load_text(None, "calib") if calib is None else load_text(calib, "all")
+    ids = Tokenizer(tokenizer_dir).encode(body)
+    n = min(n_seqs, len(ids) // seq)
+    if n == 0:
+        raise PocketLMError(f"calibration text has {len(ids)} tokens, fewer than one sequence of {seq}; pass a longer --calib file")
+    return torch.tensor(ids[: n * seq], dtype=torch.long).view(n, seq)
+
+
+def quantize_source(
+    source: str | os.PathLike | Source,
+    out: str | os.PathLike,
+    scheme: str = "w4-awq",
+    group_size: int | None = DEFAULT_GROUP_SIZE,
+    symmetric: bool = True,
+    head: str = "float",
+    calib: str | os.PathLike | None = None,
+    awq_results: str | os.PathLike | None = None,
+    awq_config: AwqConfig | None = None,
+    calib_seqs: int = CALIB_SEQS,
+) -> Path:
+    """Quantize a source's linear weights and write the result as a pocketlm model folder at `out`.
+
+    awq_results: a saved search (awq.json from an earlier run) to re-apply instead of searching.
+    """
+    sch, spec = scheme_spec(scheme, group_size, symmetric)
+    if head not in HEAD_CHOICES:
+        raise PocketLMError(f"--head {head!r}: choose one of {', '.join(HEAD_CHOICES)}")
+    if awq_results and not sch.awq:
+        raise PocketLMError(f"--awq-results applies to AWQ schemes only, not '{scheme}'")
+    src = source if isinstance(source, Source) else resolve(source)
+    model, src = load_model(src)
+    t0 = time.perf_counter()
+    awq = None
+    if sch.awq:
+        if awq_results:
+            awq = AwqResult.load(awq_results)
+            if awq.spec != spec:
+                raise PocketLMError(f"'{awq_results}' was searched for {awq.spec.describe()}, not {spec.describe()}; "
+                                    "search again or pass the matching --group-size")
+        else:
+            tokens = calibration_tokens(src.path, calib, n_seqs=calib_seqs)
+            print(f"AWQ search: {spec.describe()}, {tokens.numel()} calibration tokens, {model.config.n_layers} layers", flush=True)
+            with torch.no_grad():
+                awq = awq_search(model, tokens, spec, awq_config)
+    with torch.no_grad():
+        decisions = quantize_model_(model, spec, awq=awq, head=head)
+    seconds = time.perf_counter() - t0
+    stage = {
+        "stage": "quantize", "scheme": scheme, "weights": spec.to_dict(), "head": head,
+        "calibration": None if not sch.awq or awq_results else (str(calib) if calib else "default:calib"),
+        "awq_results": AWQ_FILE if awq else None, "seconds": round(seconds, 1),
+    }
+    quantization = {"scheme": scheme, "description": sch.description, "weights": spec.to_dict(), "head": head,
+                    "activations": "float32", "storage": "dequantized float32 weights on the quantization grid",
+                    "layers": decisions}
+    previous = _previous_stages(src)
+    files = {AWQ_FILE: awq.to_json()} if awq else {}
+    return save_pocketlm(model, out, tokenizer_dir=src.path,
+                         extra={"stages": previous + [stage], "quantization": quantization}, files=files)
+
+
+def _previous_stages(src: Source) -> list[dict]:
+    if src.kind != "pocketlm":
+        return []
+    meta = json.loads((src.path / MODEL_FILE).read_text())
+    if meta.get("quantization"):
+        raise PocketLMError(f"'{src.spec}' is already quantized ({meta['quantization']['scheme']}); quantize the float model instead")
+    return meta.get("stages", [])
