@@ -7,8 +7,6 @@ import json
 import time
 from pathlib import Path
 
-from pocketlm.runtime.errors import PocketLMError
-
 from .recipe import Recipe
 
 DEMO_PROMPT = "What is the capital of France?"
@@ -27,16 +25,29 @@ def run(recipe: Recipe | None = None, out: str | None = None, prompt: str = DEMO
     root = Path(out or recipe.out)
     target = recipe.resolved_target()
     backends = list(recipe.export.backends)
-    if recipe.quantize:
-        raise PocketLMError("recipe [quantize]: quantization is not in `pocketlm run` yet; remove the table")
-    target.check_request(backends, "fp32")  # before any compute
+    q = recipe.quantize
+    if q:
+        from .quantize import scheme_spec
+
+        scheme_spec(q.scheme, q.group_size, not q.asymmetric)  # a bad scheme fails now, not after minutes
+    target.check_request(backends, q.scheme if q else "fp32")  # before any compute
     cache = recipe.cache(target)
     threads = sorted(set(recipe.profile.threads or default_thread_sweep()) | {target.threads})
     timings, t0 = {}, time.perf_counter()
 
-    print(f"[1/4] export {recipe.source} -> {', '.join(backends)} (cache {cache['sink_size']} sinks + "
+    source = recipe.source
+    if q:
+        from .quantize import quantize_source
+
+        print(f"[0/4] quantize {source}: {q.scheme}, group {q.group_size}, head {q.head}", flush=True)
+        source = str(quantize_source(source, root / "quantized", scheme=q.scheme, group_size=q.group_size,
+                                     symmetric=not q.asymmetric, head=q.head, calib=q.calib, awq_results=q.awq_results))
+        timings["quantize"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+    print(f"[1/4] export {source} -> {', '.join(backends)} (cache {cache['sink_size']} sinks + "
           f"{cache['window_size']} window, chunk {cache['chunk']}; target {target.name})", flush=True)
-    bundle = export_bundle(recipe.source, root / "bundle", tuple(backends), **cache)
+    bundle = export_bundle(source, root / "bundle", tuple(backends), **cache,
+                           onnx_int4=q.onnx_int4 if q else "auto")
     timings["export"] = time.perf_counter() - t0
 
     gen = Generator(bundle, backends[0], target.threads)

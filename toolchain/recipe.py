@@ -39,6 +39,17 @@ class ProfileSettings:
 
 
 @dataclass
+class QuantizeSettings:
+    scheme: str = "w4-awq"
+    group_size: int | None = 64
+    asymmetric: bool = False
+    head: str = "float"
+    calib: str | None = None
+    awq_results: str | None = None
+    onnx_int4: str = "auto"
+
+
+@dataclass
 class Recipe:
     source: str = "default"
     target: str = DEFAULT_TARGET
@@ -46,7 +57,7 @@ class Recipe:
     export: ExportSettings = field(default_factory=ExportSettings)
     validate: ValidateSettings = field(default_factory=ValidateSettings)
     profile: ProfileSettings = field(default_factory=ProfileSettings)
-    quantize: dict | None = None
+    quantize: QuantizeSettings | None = None
 
     def resolved_target(self) -> Target:
         return load_target(self.target)
@@ -57,8 +68,8 @@ class Recipe:
         return {k: getattr(e, k) if getattr(e, k) is not None else target.cache[k] for k in ("sink_size", "window_size", "chunk")}
 
 
-SECTIONS = {"export": ExportSettings, "validate": ValidateSettings, "profile": ProfileSettings}
-TOP_LEVEL = {"source", "target", "out", "quantize", *SECTIONS}
+SECTIONS = {"export": ExportSettings, "validate": ValidateSettings, "profile": ProfileSettings, "quantize": QuantizeSettings}
+TOP_LEVEL = {"source", "target", "out", *SECTIONS}
 
 
 def load_recipe(path) -> Recipe:
@@ -79,20 +90,24 @@ def recipe_from_dict(data: dict, where: str = "recipe", base: Path | None = None
         if key in data:
             kw[key] = _typed(data[key], str, where, key)
     for name, cls in SECTIONS.items():
+        if name == "quantize" and name not in data:
+            continue  # no [quantize] table: no quantization stage
         section = data.get(name, {})
         if not isinstance(section, dict):
             raise PocketLMError(f"{where}: '{name}' must be a table ([{name}]), got {type(section).__name__}")
         allowed = {f.name for f in fields(cls)}
         _refuse_unknown(section, allowed, where, f"[{name}]")
         kw[name] = cls(**section)
-    if "quantize" in data:
-        kw["quantize"] = dict(data["quantize"])
     recipe = Recipe(**kw)
     if base is not None:
         if recipe.source != "default" and not Path(recipe.source).is_absolute() and (base / recipe.source).exists():
             recipe.source = str(base / recipe.source)
         if recipe.validate.text and not Path(recipe.validate.text).is_absolute():
             recipe.validate.text = str(base / recipe.validate.text)
+        q = recipe.quantize
+        for key in ("calib", "awq_results"):
+            if q and getattr(q, key) and not Path(getattr(q, key)).is_absolute():
+                setattr(q, key, str(base / getattr(q, key)))
         if not Path(recipe.out).is_absolute():
             recipe.out = str(base / recipe.out)
     return recipe
