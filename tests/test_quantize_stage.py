@@ -81,3 +81,35 @@ def test_bad_quantization_settings_are_refused_by_name(tiny_hf_folder, tmp_path,
     q = quantize_source(tiny_hf_folder, tmp_path / "q", scheme="w8-rtn")
     with pytest.raises(PocketLMError, match=r"is already quantized \(w8-rtn\); quantize the float model instead"):
         quantize_source(q, tmp_path / "qq", scheme="w4-rtn", group_size=16)
+
+
+def test_executorch_runs_int4_sources_as_xnnpack_8da4w_with_the_stage_codes(tiny_tokenizer_dir, tmp_path):
+    """Groups of 32 (XNNPACK's multiple): every linear but the float head is delegated as 8da4w, with the
+    quantize stage's own codes; parity against the float reference within the int8-activation bounds."""
+    import shutil
+
+    from conftest import tiny_hf_model
+
+    from pocketlm.runtime.bundle import Bundle
+    from pocketlm.runtime.validate import validate_backend
+    from pocketlm.toolchain.export import export_bundle
+
+    src = tmp_path / "tiny64"
+    tiny_hf_model(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=2).save_pretrained(src)
+    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", src / "tokenizer.json")
+    q = quantize_source(src, tmp_path / "q", scheme="w4-rtn", group_size=32)
+    bundle = Bundle.open(export_bundle(q, tmp_path / "bundle", ("executorch",), sink_size=4, window_size=12, chunk=5))
+    program = bundle.manifest["programs"]["executorch"]
+    assert program["weights"] == "int4 XNNPACK 8da4w, group 32, 14 linears"
+    report = validate_backend(bundle, "executorch")
+    assert report["passed"], report["checks"]
+    assert 0 < report["parity"]["max_logits_abs"] < 0.05  # int8 activations: close, not exact
+
+
+def test_executorch_int4_refuses_groups_xnnpack_cannot_run_before_any_export(tiny_hf_folder, tmp_path):
+    from pocketlm.toolchain.export import export_bundle
+
+    q = quantize_source(tiny_hf_folder, tmp_path / "q", scheme="w4-rtn", group_size=16)
+    with pytest.raises(PocketLMError, match=r"needs a group size that is a multiple of 32; .* has groups of 16"):
+        export_bundle(q, tmp_path / "bundle", ("onnx", "executorch"), sink_size=4, window_size=12, chunk=5)
+    assert not (tmp_path / "bundle").exists()

@@ -41,7 +41,8 @@ def export_bundle(
 
     onnx_int4: for a source quantized to symmetric int4 groups, "int8" runs ONNX Runtime's
     MatMulNBits with int8 activations (its fastest CPU path; "auto" picks it), "float" the same
-    kernels with float32 activations (matches PyTorch closely), "off" keeps float32 MatMuls."""
+    kernels with float32 activations (matches PyTorch closely), "off" keeps float32 MatMuls and
+    ExecuTorch's float linears. Otherwise ExecuTorch runs int4 sources as XNNPACK 8da4w."""
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         raise PocketLMError(f"unknown backend {unknown or '(none)'}; choose from {', '.join(BACKENDS)}")
@@ -51,6 +52,10 @@ def export_bundle(
     out = Path(out)
     model, src = load_model(source)
     int4_group = _int4_group(src) if onnx_int4 != "off" else None
+    if int4_group and "executorch" in backends and int4_group % 32:
+        raise PocketLMError(f"ExecuTorch's int4 path (XNNPACK 8da4w) needs a group size that is a multiple of 32; "
+                            f"'{src.spec}' has groups of {int4_group}: quantize with --group-size 32 or 64, "
+                            "or export with --onnx-int4 off (float programs)")
     tokenizer = load_tokenizer(src)
     with atomic_folder(out) as tmp:
         programs = {}
@@ -58,16 +63,7 @@ def export_bundle(
             t0 = time.perf_counter()
             print(f"exporting {backend} (cache {sink_size} sinks + {window_size} window, chunk {chunk})", flush=True)
             path = tmp / PROGRAM_FILES[backend]
-            _export_one(backend, model, layout, path, stop_token_ids(model, tokenizer))
-            extra = {}
-            if backend == "onnx" and int4_group:
-                from .onnx_int4 import to_matmul_nbits
-
-                level = 0 if onnx_int4 == "float" else 4
-                n = to_matmul_nbits(path, int4_group, level)
-                extra = {"weights": f"int4 MatMulNBits, group {int4_group}, {n} matmuls",
-                         "activations": "int8 (dynamic, inside MatMulNBits)" if level else "float32",
-                         "parity_thresholds": INT8_ACTIVATION_PARITY if level else {}}
+            extra = _export_one(backend, model, layout, path, stop_token_ids(model, tokenizer), int4_group, onnx_int4)
             files = sorted(p.name for p in tmp.iterdir() if p.name.startswith(path.name))
             programs[backend] = {"file": path.name, "files": files, "export_s": round(time.perf_counter() - t0, 1), **extra}
             print(f"  {backend}: {programs[backend]['export_s']} s", flush=True)
@@ -96,15 +92,28 @@ def _int4_group(src: Source) -> int | None:
     return None
 
 
-def _export_one(backend: str, model: Transformer, layout: CacheLayout, path: Path, stop_ids) -> None:
+def _export_one(backend: str, model: Transformer, layout: CacheLayout, path: Path, stop_ids, int4_group, onnx_int4) -> dict:
+    """Write one program; returns what the manifest records about its arithmetic."""
     if backend == "onnx":
         from .onnx_export import export_onnx
 
         export_onnx(model, layout, path)
-    else:
-        from .executorch_export import export_executorch
+        if not int4_group:
+            return {}
+        from .onnx_int4 import to_matmul_nbits
 
-        export_executorch(model, layout, path, stop_ids)
+        level = 0 if onnx_int4 == "float" else 4
+        n = to_matmul_nbits(path, int4_group, level)
+        return {"weights": f"int4 MatMulNBits, group {int4_group}, {n} matmuls",
+                "activations": "int8 (dynamic, inside MatMulNBits)" if level else "float32",
+                "parity_thresholds": INT8_ACTIVATION_PARITY if level else {}}
+    from .executorch_export import export_executorch
+
+    n = export_executorch(model, layout, path, stop_ids, int4_group)
+    if not n:
+        return {}
+    return {"weights": f"int4 XNNPACK 8da4w, group {int4_group}, {n} linears",
+            "activations": "int8 (dynamic, per token)", "parity_thresholds": INT8_ACTIVATION_PARITY}
 
 
 def build_manifest(model: Transformer, src: Source, layout: CacheLayout, programs: dict, tokenizer) -> dict:

@@ -28,12 +28,22 @@ def example_inputs(model: Transformer, layout: CacheLayout, t: int):
     return (torch.zeros(1, t, dtype=torch.long), *rope, mask, torch.arange(t))
 
 
-def export_executorch(model: Transformer, layout: CacheLayout, path: Path, stop_ids: tuple[int, ...] = ()) -> Path:
+def export_executorch(model: Transformer, layout: CacheLayout, path: Path, stop_ids: tuple[int, ...] = (),
+                      int4_group: int | None = None) -> int:
+    """Write model.pte at path; with int4_group, on-grid linears run as XNNPACK 8da4w. Returns how many."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
     program = SinkCacheProgram(model, layout).eval()
+    converted = 0
+    if int4_group:
+        import copy
+
+        from .executorch_int4 import to_8da4w_
+
+        program = copy.deepcopy(program)  # the caller's float model stays as it is (golden outputs use it)
+        converted = to_8da4w_(program, int4_group)
     constants = {
         "get_cache_len": layout.cache_len,
         "get_sink_size": layout.sink_size,
@@ -56,4 +66,4 @@ def export_executorch(model: Transformer, layout: CacheLayout, path: Path, stop_
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         et.write_to_file(f)
-    return path
+    return converted

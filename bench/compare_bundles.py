@@ -1,0 +1,44 @@
+"""Decode/prefill speed, peak RSS and program size of several bundles, same run, same threads;
+ratios against the first bundle (the baseline, e.g. the float32 export).
+Usage: python bench/compare_bundles.py BASELINE_BUNDLE OTHER_BUNDLE... [--backend onnx] [--threads 2] [--out FILE]"""
+
+from __future__ import annotations
+
+import argparse
+
+from _common import write_json
+
+from pocketlm.runtime.bundle import Bundle
+from pocketlm.runtime.profile import file_sizes, measure_in_subprocess
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bundles", nargs="+")
+    ap.add_argument("--backend", default="onnx")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--name", default="compare_bundles")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = []
+    for path in args.bundles:
+        bundle = Bundle.open(path)
+        point = measure_in_subprocess(bundle.root, args.backend, args.threads, prompt_tokens=args.prompt_tokens,
+                                      new_tokens=args.new_tokens, runs=args.runs)
+        program = bundle.manifest["programs"][args.backend]
+        rows.append({"bundle": str(bundle.root), "scheme": bundle.manifest["quantization"]["scheme"],
+                     "program": {k: program[k] for k in ("weights", "activations") if k in program},
+                     "program_bytes": file_sizes(bundle)["programs"][args.backend], **point})
+        print(rows[-1]["scheme"], {k: rows[-1][k] for k in ("decode_tok_s", "prefill_tok_s", "ttft_ms", "program_bytes", "peak_rss_bytes")}, flush=True)
+    base = rows[0]
+    for r in rows:
+        r["vs_baseline"] = {"decode": r["decode_tok_s"] / base["decode_tok_s"], "prefill": r["prefill_tok_s"] / base["prefill_tok_s"],
+                            "size": r["program_bytes"] / base["program_bytes"], "peak_rss": r["peak_rss_bytes"] / base["peak_rss_bytes"]}
+    write_json(args.name, {"backend": args.backend, "threads": args.threads, "bundles": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
