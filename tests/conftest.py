@@ -15,6 +15,16 @@ torch.set_num_threads(2)
 TINY_VOCAB = 320
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a loaded machine every OpenMP barrier waits for
+    a busy core (16 ms per tiny linear at 2 threads); restore conftest's setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_hf_config(model_type: str = "llama", **overrides):
     """A SmolLM2-shaped (GQA 3:1, tied) config, shrunk: 2 layers, dim 48, head_dim 16."""
     from transformers import AutoConfig

@@ -18,13 +18,8 @@ from pocketlm.toolchain.quant.rtn import (
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a loaded machine every OpenMP barrier waits for
-    a busy core (16 ms per tiny linear at 2 threads); restore conftest's setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_thread):
+    pass
 
 
 SPECS = [

@@ -18,11 +18,8 @@ FAST_AWQ = AwqConfig(n_grid=5, clip_grid=10, search_tokens=256, gram_tokens=512)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_thread):
+    pass
 
 
 def test_quantized_folder_is_a_source_for_eval_and_records_every_decision(tiny_hf_folder, tmp_path, capsys):

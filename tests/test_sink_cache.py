@@ -10,7 +10,6 @@ from pocketlm.runtime.errors import PocketLMError
 from pocketlm.runtime.sink_cache import CacheLayout, SinkWindowSchedule
 from pocketlm.toolchain.model import convert, surgery
 from pocketlm.toolchain.model import rope
-from pocketlm.toolchain.reference import reference_session, rope_freq
 
 from conftest import TINY_VOCAB, tiny_hf_model
 
