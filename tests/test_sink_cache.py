@@ -10,6 +10,7 @@ from pocketlm.runtime.errors import PocketLMError
 from pocketlm.runtime.sink_cache import CacheLayout, SinkWindowSchedule
 from pocketlm.toolchain.model import convert, surgery
 from pocketlm.toolchain.model import rope
+from pocketlm.toolchain.reference import reference_session
 
 from conftest import TINY_VOCAB, tiny_hf_model
 
