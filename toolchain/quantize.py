@@ -40,7 +40,9 @@ SCHEMES = {
     "w8-rtn": Scheme("w8-rtn", 8, True, False, "int8 weights, symmetric per output channel, round-to-nearest; float activations"),
     "w4-rtn": Scheme("w4-rtn", 4, False, False, "int4 weights, group-wise along the input, round-to-nearest; float activations"),
     "w4-awq": Scheme("w4-awq", 4, False, True, "int4 weights, group-wise, AWQ scales and clipping; float activations"),
+    "w2-ternary": Scheme("w2-ternary", 2, True, False, "ternary weights {-1, 0, 1} x absmean scale per tensor (BitNet b1.58; needs QAT)"),
 }
+QAT_SEQ = 256
 PLANNED = {"w8a8-int": "integer-only int8 (fixed-point requantization)", "w4a8-int": "integer-only int4 weights x int8 activations"}
 
 
@@ -74,12 +76,21 @@ def quantize_source(
     awq_results: str | os.PathLike | None = None,
     awq_config: AwqConfig | None = None,
     calib_seqs: int = CALIB_SEQS,
+    qat_steps: int = 0,
+    qat_lr: float = 1e-5,
+    qat_batch: int = 4,
 ) -> Path:
     """Quantize a source's linear weights and write the result as a pocketlm model folder at `out`.
 
     awq_results: a saved search (awq.json from an earlier run) to re-apply instead of searching.
+    qat_steps: > 0 trains with fake-quantized weights first (distilled from the float model on the
+    calibration text, or the default text's train split), then quantizes with the same quantizer.
     """
     sch, spec = scheme_spec(scheme, group_size, symmetric)
+    if scheme == "w2-ternary" and qat_steps <= 0:
+        raise PocketLMError("scheme 'w2-ternary' needs quantization-aware training: pass --qat-steps N (a few hundred)")
+    if qat_steps and sch.awq:
+        raise PocketLMError("QAT starts from round-to-nearest: use --scheme w4-rtn (or w8-rtn, w2-ternary) with --qat-steps")
     if head not in HEAD_CHOICES:
         raise PocketLMError(f"--head {head!r}: choose one of {', '.join(HEAD_CHOICES)}")
     if awq_results and not sch.awq:
@@ -99,19 +110,42 @@ def quantize_source(
             print(f"AWQ search: {spec.describe()}, {tokens.numel()} calibration tokens, {model.config.n_layers} layers", flush=True)
             with torch.no_grad():
                 awq = awq_search(model, tokens, spec, awq_config)
+    qat = None
+    if qat_steps:
+        import copy
+
+        from .quant.qat import TERNARY, qat_train_
+
+        teacher = copy.deepcopy(model)
+        body_split = "all" if calib else "train"
+        ids = Tokenizer(src.path).encode(load_text(calib, body_split))
+        n = len(ids) // QAT_SEQ
+        tokens = torch.tensor(ids[: n * QAT_SEQ], dtype=torch.long).view(n, QAT_SEQ)
+        print(f"QAT: {qat_steps} steps, batch {qat_batch} x {QAT_SEQ} tokens, lr {qat_lr}", flush=True)
+        qat = qat_train_(model, teacher, tokens, TERNARY if scheme == "w2-ternary" else spec, qat_steps, qat_lr, qat_batch)
+        del teacher
     with torch.no_grad():
-        decisions = quantize_model_(model, spec, awq=awq, head=head)
+        if scheme == "w2-ternary":
+            from .quant.qat import ternarize_
+
+            decisions = ternarize_(model)
+            decisions["lm_head"] = {"float": True}
+        else:
+            decisions = quantize_model_(model, spec, awq=awq, head=head)
     seconds = time.perf_counter() - t0
     stage = {
         "stage": "quantize", "scheme": scheme, "weights": spec.to_dict(), "head": head,
         "calibration": None if not sch.awq or awq_results else (str(calib) if calib else "default:calib"),
         "awq_results": AWQ_FILE if awq else None, "seconds": round(seconds, 1),
+        "qat": None if qat is None else {k: v for k, v in qat.items() if k != "losses"},
     }
     quantization = {"scheme": scheme, "description": sch.description, "weights": spec.to_dict(), "head": head,
                     "activations": "float32", "storage": "dequantized float32 weights on the quantization grid",
                     "layers": decisions}
     previous = _previous_stages(src)
     files = {AWQ_FILE: awq.to_json()} if awq else {}
+    if qat:
+        files["qat_losses.json"] = json.dumps(qat["losses"])
     return save_pocketlm(model, out, tokenizer_dir=src.path,
                          extra={"stages": previous + [stage], "quantization": quantization}, files=files)
 
