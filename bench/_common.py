@@ -5,23 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import time
 from pathlib import Path
 
+from pocketlm.runtime.profile import peak_rss_bytes, rss_bytes  # noqa: F401  (re-exported for the scripts)
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def machine() -> dict:

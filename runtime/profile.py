@@ -24,16 +24,27 @@ from .text import load_text
 DEFAULTS = {"prompt_tokens": 128, "new_tokens": 64, "runs": 3}
 
 
-def peak_rss_bytes() -> int:
-    """This process's own high-water mark. VmHWM starts afresh at exec; ru_maxrss would inherit the
-    parent's peak from the fork, making every profiled child look as large as its parent."""
+def _proc_status_bytes(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def rss_bytes() -> int:
+    return _proc_status_bytes("VmRSS") or 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's own high-water mark. VmHWM starts afresh at exec; ru_maxrss would inherit the
+    parent's peak from the fork, making every profiled child look as large as its parent."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
@@ -45,11 +56,7 @@ def _rss_after_runtime_imports(backend: str) -> int:
         import torch  # noqa: F401
     else:
         import onnxruntime  # noqa: F401
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return rss_bytes()
 
 
 def default_thread_sweep() -> list[int]:

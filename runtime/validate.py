@@ -136,14 +136,20 @@ def validate_bundle(bundle_path, backends=None, target=None, text=None, threads:
     }
 
 
+def format_table(rows: list) -> str:
+    """Left-aligned plain-text columns; the first row is the header."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
 def checks_table(report: dict) -> str:
     """One row per backend and check: value, limit, PASS or FAIL."""
     rows = [("backend", "check", "value", "limit", "result")]
     for b, r in report["backends"].items():
         for c in r["checks"]:
             rows.append((b, c["check"], _fmt(c["value"], c["unit"]), _fmt(c["limit"], c["unit"]), "PASS" if c["passed"] else "FAIL"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+    return format_table(rows)
 
 
 def _fmt(v, unit: str) -> str:

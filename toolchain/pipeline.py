@@ -17,7 +17,7 @@ def run(recipe: Recipe | None = None, out: str | None = None, prompt: str = DEMO
     from pocketlm.runtime.generate import Generator
     from pocketlm.runtime.profile import default_thread_sweep, profile_bundle
     from pocketlm.runtime.report import SUMMARY_HEAD, build_report, summary_rows, write_report
-    from pocketlm.runtime.validate import checks_table, validate_bundle
+    from pocketlm.runtime.validate import checks_table, format_table, validate_bundle
 
     from .export import export_bundle
 
@@ -80,10 +80,7 @@ def run(recipe: Recipe | None = None, out: str | None = None, prompt: str = DEMO
                "passed": validation["passed"], "answer": answer, "timings_s": report["timings_s"]}
     (root / "run.json").write_text(json.dumps(summary, indent=2))
 
-    rows = summary_rows(report)
-    widths = [max(len(str(r[i])) for r in [SUMMARY_HEAD, *rows]) for i in range(len(SUMMARY_HEAD))]
     print()
-    for r in [SUMMARY_HEAD, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(format_table([SUMMARY_HEAD, *summary_rows(report)]))
     print(f"\nvalidation {'PASSED' if validation['passed'] else 'FAILED'}; report: {html_path}")
     return summary

@@ -17,7 +17,7 @@ from pocketlm.runtime.text import load_text
 from pocketlm.runtime.tokenizer import Tokenizer
 
 from .load import load_model
-from .model.convert import MODEL_FILE, save_pocketlm
+from .model.convert import pocketlm_meta, save_pocketlm
 from .quant.awq import HEAD_CHOICES, AwqConfig, AwqResult, awq_search, quantize_model_
 from .quant.rtn import WeightQuantSpec
 from .sources import Source, resolve
@@ -96,6 +96,7 @@ def quantize_source(
     if awq_results and not sch.awq:
         raise PocketLMError(f"--awq-results applies to AWQ schemes only, not '{scheme}'")
     src = source if isinstance(source, Source) else resolve(source)
+    previous = _previous_stages(src)  # an already-quantized source is refused before any compute
     model, src = load_model(src)
     t0 = time.perf_counter()
     awq = None
@@ -142,7 +143,6 @@ def quantize_source(
     quantization = {"scheme": scheme, "description": sch.description, "weights": spec.to_dict(), "head": head,
                     "activations": "float32", "storage": "dequantized float32 weights on the quantization grid",
                     "layers": decisions}
-    previous = _previous_stages(src)
     files = {AWQ_FILE: awq.to_json()} if awq else {}
     if qat:
         files["qat_losses.json"] = json.dumps(qat["losses"])
@@ -153,7 +153,7 @@ def quantize_source(
 def _previous_stages(src: Source) -> list[dict]:
     if src.kind != "pocketlm":
         return []
-    meta = json.loads((src.path / MODEL_FILE).read_text())
+    meta = pocketlm_meta(src.path)
     if meta.get("quantization"):
         raise PocketLMError(f"'{src.spec}' is already quantized ({meta['quantization']['scheme']}); quantize the float model instead")
     return meta.get("stages", [])
