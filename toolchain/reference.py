@@ -17,7 +17,13 @@ from .model.transformer import Transformer
 
 
 def rope_freq(model: Transformer) -> np.ndarray:
-    return model.rope_inv_freq.numpy()
+    """The float64 frequencies a bundle's runtime derives from its manifest, so host-side RoPE tables
+    (and an integer program's Q14 tables) are the very same numbers here and on the device; the
+    model's own buffer was cast to float32 with the rest of the model."""
+    from pocketlm.runtime.rope import inv_freq
+
+    c = model.config
+    return inv_freq(c.head_dim, c.rope_theta, c.rope_scaling.__dict__ if c.rope_scaling else None)
 
 
 class TorchBackend:
