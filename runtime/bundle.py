@@ -81,9 +81,12 @@ class Bundle:
                     "or truncated after export; re-export the bundle"
                 )
 
-    def golden(self) -> dict[str, np.ndarray]:
-        """The PyTorch reference's outputs recorded at export time (plain arrays, never pickles)."""
-        with np.load(self.root / GOLDEN, allow_pickle=False) as data:
+    def golden(self, backend: str | None = None) -> dict[str, np.ndarray]:
+        """The reference outputs recorded at export time (plain arrays, never pickles): the PyTorch
+        reference's, or the program's own where its arithmetic has an exact reference of its own
+        (an integer-only program's numpy reference, named by its manifest entry)."""
+        name = self.manifest["programs"].get(backend, {}).get("golden", GOLDEN) if backend else GOLDEN
+        with np.load(self.root / name, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
 
     @property

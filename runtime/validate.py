@@ -20,9 +20,10 @@ def session_for(bundle: Bundle, backend: str, threads: int = 2) -> CachedSession
     return CachedSession(load_backend(bundle, backend, threads), bundle.layout, bundle.rope_freq)
 
 
-def golden_parity(bundle: Bundle, session: CachedSession) -> dict:
-    """Feed each golden prompt, then the reference's greedy tokens (teacher forcing), comparing logits."""
-    golden = bundle.golden()
+def golden_parity(bundle: Bundle, session: CachedSession, backend: str | None = None) -> dict:
+    """Feed each golden prompt, then the reference's greedy tokens (teacher forcing), comparing logits
+    with the golden outputs recorded for `backend`'s program."""
+    golden = bundle.golden(backend)
     n = bundle.manifest["golden"]["prompts"]
     max_abs, cosines, top1, prefixes, errors = 0.0, [], [], [], []
     for k in range(n):
@@ -75,7 +76,7 @@ def parity_checks(parity: dict, ppl: dict | None, thresholds: dict) -> list[dict
 
 def validate_backend(bundle: Bundle, backend: str, text=None, thresholds: dict | None = None, threads: int = 2) -> dict:
     session = session_for(bundle, backend, threads)
-    parity = golden_parity(bundle, session)
+    parity = golden_parity(bundle, session, backend)
     result = bundle_perplexity(bundle, session, text)
     ref = bundle.reference.get("perplexity", {}).get("ppl")
     ppl = {**result.to_dict(), "reference_ppl": ref,

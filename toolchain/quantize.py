@@ -41,9 +41,12 @@ SCHEMES = {
     "w4-rtn": Scheme("w4-rtn", 4, False, False, "int4 weights, group-wise along the input, round-to-nearest; float activations"),
     "w4-awq": Scheme("w4-awq", 4, False, True, "int4 weights, group-wise, AWQ scales and clipping; float activations"),
     "w2-ternary": Scheme("w2-ternary", 2, True, False, "ternary weights {-1, 0, 1} x absmean scale per tensor (BitNet b1.58; needs QAT)"),
+    "w8a8-int": Scheme("w8a8-int", 8, True, False, "integer-only: int8 weights per channel (SmoothQuant-searched), int8 "
+                       "activations per token, int32 accumulators, fixed-point requantization, integer nonlinearities"),
 }
 QAT_SEQ = 256
-PLANNED = {"w8a8-int": "integer-only int8 (fixed-point requantization)", "w4a8-int": "integer-only int4 weights x int8 activations"}
+PLANNED = {"w4a8-int": "integer-only int4 weights x int8 activations"}
+SMOOTHQUANT_FILE, RANGES_FILE = "smoothquant.json", "activation_ranges.json"
 
 
 def scheme_spec(scheme: str, group_size: int | None = DEFAULT_GROUP_SIZE, symmetric: bool = True) -> tuple[Scheme, WeightQuantSpec]:
@@ -89,6 +92,8 @@ def quantize_source(
     sch, spec = scheme_spec(scheme, group_size, symmetric)
     if scheme == "w2-ternary" and qat_steps <= 0:
         raise PocketLMError("scheme 'w2-ternary' needs quantization-aware training: pass --qat-steps N (a few hundred)")
+    if qat_steps and scheme == "w8a8-int":
+        raise PocketLMError("scheme 'w8a8-int' calibrates its activations after PTQ; QAT is not available for it: drop --qat-steps")
     if qat_steps and sch.awq:
         raise PocketLMError("QAT starts from round-to-nearest: use --scheme w4-rtn (or w8-rtn, w2-ternary) with --qat-steps")
     if head not in HEAD_CHOICES:
@@ -125,8 +130,17 @@ def quantize_source(
         print(f"QAT: {qat_steps} steps, batch {qat_batch} x {QAT_SEQ} tokens, lr {qat_lr}", flush=True)
         qat = qat_train_(model, teacher, tokens, TERNARY if scheme == "w2-ternary" else spec, qat_steps, qat_lr, qat_batch)
         del teacher
+    files = {}
     with torch.no_grad():
-        if scheme == "w2-ternary":
+        if scheme == "w8a8-int":
+            from .quant.w8a8 import prepare_w8a8_
+
+            tokens = calibration_tokens(src.path, calib, n_seqs=calib_seqs)
+            print(f"w8a8-int: SmoothQuant search and activation ranges on {tokens.numel()} calibration tokens", flush=True)
+            decisions, smoothing, ranges = prepare_w8a8_(model, list(tokens.split(2)))
+            files = {SMOOTHQUANT_FILE: json.dumps(smoothing, separators=(",", ":")), RANGES_FILE: json.dumps(ranges, indent=1)}
+            head = "int8"
+        elif scheme == "w2-ternary":
             from .quant.qat import ternarize_
 
             decisions = ternarize_(model)
@@ -136,14 +150,17 @@ def quantize_source(
     seconds = time.perf_counter() - t0
     stage = {
         "stage": "quantize", "scheme": scheme, "weights": spec.to_dict(), "head": head,
-        "calibration": None if not sch.awq or awq_results else (str(calib) if calib else "default:calib"),
+        "calibration": None if not (sch.awq or scheme == "w8a8-int") or awq_results else (str(calib) if calib else "default:calib"),
         "awq_results": AWQ_FILE if awq else None, "seconds": round(seconds, 1),
         "qat": None if qat is None else {k: v for k, v in qat.items() if k != "losses"},
     }
     quantization = {"scheme": scheme, "description": sch.description, "weights": spec.to_dict(), "head": head,
-                    "activations": "float32", "storage": "dequantized float32 weights on the quantization grid",
-                    "layers": decisions}
-    files = {AWQ_FILE: awq.to_json()} if awq else {}
+                    "activations": "int8 per token (dynamic), integer-only program" if files else "float32",
+                    "storage": "dequantized float32 weights on the quantization grid", "layers": decisions}
+    if files:
+        quantization.update(smoothquant=SMOOTHQUANT_FILE, activation_ranges=RANGES_FILE)
+    if awq:
+        files[AWQ_FILE] = awq.to_json()
     if qat:
         files["qat_losses.json"] = json.dumps(qat["losses"])
     return save_pocketlm(model, out, tokenizer_dir=src.path,

@@ -30,7 +30,7 @@ def load_backend(bundle, name: str, threads: int = 2) -> Backend:
     if name == "onnx":
         from .onnx import OnnxBackend
 
-        return OnnxBackend(path, bundle.cache_shapes(), threads)
+        return OnnxBackend(path, bundle.cache_shapes(), threads, bundle.manifest["programs"][name])
     from .executorch import ExecuTorchBackend
 
     return ExecuTorchBackend(path, threads)

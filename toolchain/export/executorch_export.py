@@ -29,21 +29,22 @@ def example_inputs(model: Transformer, layout: CacheLayout, t: int):
 
 
 def export_executorch(model: Transformer, layout: CacheLayout, path: Path, stop_ids: tuple[int, ...] = (),
-                      int4_group: int | None = None) -> int:
-    """Write model.pte at path; with int4_group, on-grid linears run as XNNPACK 8da4w. Returns how many."""
+                      int4_group: int | None = None, int8: bool = False) -> int:
+    """Write model.pte at path; with int4_group, on-grid linears run as XNNPACK 8da4w, with int8 as
+    8da8w (int8 per-channel weights). Returns how many linears were quantized."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
     program = SinkCacheProgram(model, layout).eval()
     converted = 0
-    if int4_group:
+    if int4_group or int8:
         import copy
 
-        from .executorch_int4 import to_8da4w_
+        from .executorch_quant import to_8da4w_, to_8da8w_
 
         program = copy.deepcopy(program)  # the caller's float model stays as it is (golden outputs use it)
-        converted = to_8da4w_(program, int4_group)
+        converted = to_8da4w_(program, int4_group) if int4_group else to_8da8w_(program)
     constants = {
         "get_cache_len": layout.cache_len,
         "get_sink_size": layout.sink_size,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pocketlm.runtime import perplexity as ppl_protocol
-from pocketlm.runtime.session import fresh_window_logits
+from pocketlm.runtime.session import CachedSession, fresh_window_logits
 from pocketlm.runtime.sink_cache import CacheLayout
 from pocketlm.runtime.text import load_text
 from pocketlm.runtime.tokenizer import Tokenizer
@@ -33,9 +33,10 @@ def golden_prompts(tokenizer_dir: Path, chat_template_ids=None) -> list[list[int
     return [first, tokenizer.encode(load_text(None, "eval"))[:100]]
 
 
-def write_golden(model: Transformer, layout: CacheLayout, prompts: list[list[int]], path: Path) -> dict:
+def write_golden(session: CachedSession, prompts: list[list[int]], path: Path) -> dict:
+    """Record `session`'s logits and greedy continuation: the PyTorch reference's for float programs,
+    the numpy integer reference's for an integer-only program (which must then match exactly)."""
     arrays = {}
-    session = reference_session(model, layout)
     for k, ids in enumerate(prompts):
         session.reset()
         logits = [session.feed(ids)]
@@ -47,7 +48,8 @@ def write_golden(model: Transformer, layout: CacheLayout, prompts: list[list[int
         arrays[f"prompt_ids_{k}"] = np.asarray(ids, np.int64)
         arrays[f"greedy_{k}"] = np.asarray(tokens, np.int64)
         arrays[f"logits_{k}"] = np.stack(logits).astype(np.float32)  # [GOLDEN_STEPS, vocab]
-    np.savez(path, **arrays)
+    with open(path, "wb") as f:  # np.savez would append ".npz" to a name without it
+        np.savez(f, **arrays)
     return {"file": path.name, "prompts": len(prompts), "steps": GOLDEN_STEPS}
 
 
