@@ -46,7 +46,7 @@ SCHEMES = {
 }
 QAT_SEQ = 256
 PLANNED = {"w4a8-int": "integer-only int4 weights x int8 activations"}
-SMOOTHQUANT_FILE, RANGES_FILE = "smoothquant.json", "activation_ranges.json"
+SMOOTHQUANT_FILE, RANGES_FILE = "rotation_smoothing.json", "activation_ranges.json"
 
 
 def scheme_spec(scheme: str, group_size: int | None = DEFAULT_GROUP_SIZE, symmetric: bool = True) -> tuple[Scheme, WeightQuantSpec]:

@@ -12,7 +12,9 @@ for int8 activations without smoothing and +2.6% with alpha 0.5/0.7, but smoothi
 *weights* cost more (+1.3% alone). So alpha is searched per site, as AWQ searches its scales: each
 candidate (no smoothing, alpha = 0, 0.1, ..., 0.9) is scored by the output error of the site's
 linears with both their weights (int8 per channel) and their input (int8 per token) fake-quantized,
-on the float model's own activations, layer by layer.
+on the float model's own activations, layer by layer. w8a8-int rotates the residual stream first
+(toolchain/quant/rotation.py); after it, searching every site measured +0.77% PPL for the integer
+program (4,096 tokens) against +0.95% when only down_proj's input was smoothed.
 
 Which linears share an input, and what produces it, is data (SITES). v -> o is not smoothed: under
 GQA v's output channels repeat across o's input columns. The LM head is smoothed into the final
