@@ -17,6 +17,7 @@ from .svg import bar_chart, line_chart
 from .validate import _fmt
 
 REPORT_JSON, REPORT_HTML = "report.json", "report.html"
+ARITHMETIC_KEYS = ("arithmetic", "weights", "activations", "requant_rounding", "integer_ops", "float_ops")
 
 
 def build_report(bundle_path, validation: dict | None, profile: dict | None, extra: dict | None = None) -> dict:
@@ -27,6 +28,7 @@ def build_report(bundle_path, validation: dict | None, profile: dict | None, ext
         "bundle": str(bundle.root),
         "source": m["source"], "stages": m.get("stages", []), "cache": m["cache"],
         "quantization": m.get("quantization", {}),
+        "programs": {b: {k: p[k] for k in ARITHMETIC_KEYS if k in p} for b, p in m["programs"].items()},
         "layers": len(m["architecture"]["layers"]),
         "validation": validation, "profile": profile, **(extra or {}),
         "passed": None if validation is None else validation["passed"],
@@ -144,6 +146,22 @@ window.addEventListener('load', function () {
 </script>"""
 
 
+def _arithmetic(programs: dict) -> list[str]:
+    """What each program computes in: float32 unless its manifest says otherwise; an integer-only
+    program lists the operations that ran in integers and those (if any) that stayed in float."""
+    items = []
+    for b, p in programs.items():
+        text = f"<b>{escape(b)}</b>: {escape(p.get('arithmetic', 'float32'))}"
+        for key in ("weights", "activations", "requant_rounding"):
+            if key in p:
+                text += f"; {key.replace('_', ' ')}: {escape(str(p[key]))}"
+        if "integer_ops" in p:
+            text += f". In integers: {escape(', '.join(p['integer_ops']))}. In floating point: " \
+                    f"{escape(', '.join(p['float_ops'])) or 'nothing'} (the host converts RoPE tables to Q14 and reads int32 logits)"
+        items.append(f"<li>{text}</li>")
+    return ["<h2>Arithmetic</h2><ul>", *items, "</ul>"] if items else []
+
+
 def render_html(report: dict) -> str:
     v, prof = report.get("validation"), report.get("profile")
     src, cache, q = report["source"], report["cache"], report.get("quantization", {})
@@ -176,6 +194,7 @@ def render_html(report: dict) -> str:
     if figures:
         parts.append("<h2>Plots</h2>")
         parts += [f"<figure class='plot' data-plot='{escape(name)}'>{svg}</figure>" for name, svg in figures]
+    parts += _arithmetic(report.get("programs", {}))
     if v is not None:
         parts.append("<h2>Parity details</h2><ul>")
         for b, r in v["backends"].items():

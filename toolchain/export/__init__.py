@@ -170,7 +170,7 @@ def build_manifest(model: Transformer, src: Source, layout: CacheLayout, program
         "cache": {"sink_size": layout.sink_size, "window_size": layout.window_size, "chunk": layout.chunk},
         "quantization": {"scheme": quant["scheme"], "description": quant["description"], "weights": quant["weights"],
                          "head": quant["head"], "activations": quant["activations"],
-                         "programs": "float32 programs of the dequantized weights", "layers": quant["layers"]}
+                         "layers": quant["layers"]}
         if quant else {"scheme": "fp32"},
         "programs": programs,
         "tokenizer": {
