@@ -1,6 +1,7 @@
 """Integer-only W8A8 on the real default model (SmolLM2-135M-Instruct): the exported integer program
 reproduces the numpy integer reference bit for bit on the golden prompts, and its perplexity stays
-within 2% of the float32 model's under the same protocol (ctx 512, 2,048 tokens of the eval text)."""
+within 2% of the float32 model's under the same protocol (ctx 512, 2,048 tokens of the eval text);
+ExecuTorch's XNNPACK int8 program of the same weights passes the parity harness."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def w8a8_bundle(real, tmp_path_factory):
     root = tmp_path_factory.mktemp("w8a8_real")
     folder = quantize_source(real.source, root / "w8a8", scheme="w8a8-int", calib_seqs=8)
     # a 4 + 508 cache holds each 512-token window whole, so the perplexity protocol matches the dense model's
-    return Bundle.open(export_bundle(folder, root / "bundle", ("onnx",), sink_size=4, window_size=508, chunk=32))
+    return Bundle.open(export_bundle(folder, root / "bundle", ("onnx", "executorch"), sink_size=4, window_size=508, chunk=32))
 
 
 def test_integer_program_is_bit_exact_and_within_2_percent_of_fp32_on_the_default_model(real, w8a8_bundle):
@@ -32,3 +33,10 @@ def test_integer_program_is_bit_exact_and_within_2_percent_of_fp32_on_the_defaul
     fp32 = evaluate_perplexity(real.source, max_tokens=max_tokens, show_progress=False)
     assert fp32.tokens == ppl["tokens"]
     assert ppl["ppl"] / fp32.ppl - 1 < 0.02, (ppl["ppl"], fp32.ppl)
+
+
+def test_executorch_int8_program_of_the_same_weights_passes_parity_on_the_default_model(w8a8_bundle):
+    assert w8a8_bundle.manifest["programs"]["executorch"]["weights"].startswith("int8 per channel, XNNPACK 8da8w, 211 linears")
+    report = validate_backend(w8a8_bundle, "executorch")
+    assert report["passed"], report["checks"]
+    assert report["parity"]["top1_agreement"] >= 0.9 and abs(report["perplexity"]["delta_pct"]) < 1.0

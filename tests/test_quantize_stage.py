@@ -110,3 +110,30 @@ def test_executorch_int4_refuses_groups_xnnpack_cannot_run_before_any_export(tin
     with pytest.raises(PocketLMError, match=r"needs a group size that is a multiple of 32; .* has groups of 16"):
         export_bundle(q, tmp_path / "bundle", ("onnx", "executorch"), sink_size=4, window_size=12, chunk=5)
     assert not (tmp_path / "bundle").exists()
+
+
+def test_an_int8_head_runs_as_8bit_kernels_next_to_the_int4_linears(tiny_tokenizer_dir, tmp_path):
+    """--head int8 with int4 linears: ONNX Runtime gets an 8-bit MatMulNBits for the LM head and
+    ExecuTorch an XNNPACK 8da8w linear, both with the quantize stage's codes; parity still holds."""
+    import shutil
+
+    import onnx
+
+    from conftest import tiny_hf_model
+
+    from pocketlm.runtime.bundle import Bundle
+    from pocketlm.runtime.validate import validate_bundle
+    from pocketlm.toolchain.export import export_bundle
+
+    src = tmp_path / "tiny64"
+    tiny_hf_model(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=2).save_pretrained(src)
+    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", src / "tokenizer.json")
+    q = quantize_source(src, tmp_path / "q", scheme="w4-rtn", group_size=32, head="int8")
+    bundle = Bundle.open(export_bundle(q, tmp_path / "bundle", ("onnx", "executorch"), sink_size=4, window_size=12, chunk=5))
+    programs = bundle.manifest["programs"]
+    assert programs["onnx"]["weights"] == "int4 MatMulNBits, group 32, 14 matmuls + int8 per channel MatMulNBits, 1 matmul"
+    assert programs["executorch"]["weights"] == "int4 XNNPACK 8da4w, group 32, 14 linears + int8 per channel, XNNPACK 8da8w, 1 linear"
+    nodes = onnx.load(str(bundle.root / "model.onnx"), load_external_data=False).graph.node
+    assert sorted(a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits") == [4] * 14 + [8]
+    report = validate_bundle(bundle.root)
+    assert report["passed"], report
