@@ -127,3 +127,16 @@ class SinkWindowSchedule:
         for i in range(step.n_valid):
             self.slot_pos[step.slots[i]] = self.n_seen + i
         self.n_seen += step.n_valid
+
+
+def decode_mask(step: StepInputs) -> np.ndarray:
+    """The mask of a single-token step for a program that writes the new K/V into their slot before
+    attending (ExecuTorch's decode method): [1, physical_len], the cache alone, with the new token
+    visible in its own slot. That slot's previous occupant is exactly the token this one evicts,
+    masked in step.mask, so the two forms attend to the same keys."""
+    if step.n_valid != 1 or step.tokens.shape[1] != 1:
+        raise PocketLMError("decode_mask() is for single-token steps")
+    length = step.mask.shape[1] - 1
+    mask = step.mask[:, :length].copy()
+    mask[0, step.slots[0]] = step.mask[0, length]
+    return mask

@@ -140,3 +140,31 @@ def test_bad_layouts_are_refused():
         CacheLayout(4, 12, 20)
     with pytest.raises(PocketLMError, match=r"zero tokens"):
         reference_session(convert.from_hf_model(tiny_hf_model()), LAYOUT).feed([])
+
+
+def test_writing_the_decode_token_before_attending_matches_the_oracle(tiny):
+    """The decode form ExecuTorch exports: the new K/V go into their slot first and attention reads the
+    cache alone (runtime.sink_cache.decode_mask); slot by slot it must see what the oracle sees."""
+    from pocketlm.runtime.session import CachedSession
+    from pocketlm.runtime.sink_cache import StepInputs, decode_mask
+    from pocketlm.toolchain.model.sink_cache import SinkCacheProgram
+    from pocketlm.toolchain.reference import TorchBackend, rope_freq
+
+    class WriteFirstDecode(TorchBackend):
+        def __init__(self, model, layout):
+            super().__init__(model, layout)
+            self.decode = SinkCacheProgram(model, layout, write_first=True)
+            self.decode.load_state_dict(self.program.state_dict(), strict=False)
+            for name, buf in self.program.named_buffers():  # one cache for both forms, as in the .pte
+                setattr(self.decode, name, buf)
+
+        @torch.no_grad()
+        def step(self, inputs: StepInputs) -> np.ndarray:
+            if inputs.tokens.shape[1] > 1:
+                return super().step(inputs)
+            arrays = (*inputs.as_tuple()[:5], decode_mask(inputs), inputs.slots)
+            return self.decode(*[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])[0].numpy()
+
+    session = CachedSession(WriteFirstDecode(tiny, LAYOUT), LAYOUT, rope_freq(tiny))
+    ours = feed_in_pieces(session, STREAM, [6, 1, 1, 1, 1, 5])
+    assert np.abs(ours - oracle_logits(tiny, STREAM, 4, 12)).max() < 1e-4

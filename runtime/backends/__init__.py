@@ -33,4 +33,4 @@ def load_backend(bundle, name: str, threads: int = 2) -> Backend:
         return OnnxBackend(path, bundle.cache_shapes(), threads, bundle.manifest["programs"][name])
     from .executorch import ExecuTorchBackend
 
-    return ExecuTorchBackend(path, threads)
+    return ExecuTorchBackend(path, threads, bundle.manifest["programs"][name])

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..sink_cache import StepInputs
+from ..sink_cache import StepInputs, decode_mask
 
 
 class ExecuTorchBackend:
     name = "executorch"
 
-    def __init__(self, path: Path, threads: int = 2):
+    def __init__(self, path: Path, threads: int = 2, program: dict | None = None):
         import torch
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime, Verification
@@ -27,10 +27,12 @@ class ExecuTorchBackend:
         self.path = Path(path)
         self._runtime = Runtime.get()
         self._verification = Verification.Minimal
-        program = self._runtime.load_program(self.path, verification=self._verification)
+        # the manifest says whether decode writes its K/V before attending (mask over the cache alone)
+        self.decode_writes_first = (program or {}).get("decode") == "write-first"
+        et_program = self._runtime.load_program(self.path, verification=self._verification)
         # both methods come from one Program, so they share its memory-planned cache buffers
-        self.methods = {1: program.load_method("decode")}
-        self.methods[self.chunk(program)] = program.load_method("prefill")
+        self.methods = {1: et_program.load_method("decode")}
+        self.methods[self.chunk(et_program)] = et_program.load_method("prefill")
 
     def reset(self) -> None:
         """Nothing to clear: the host masks every slot this conversation has not written (finite
@@ -42,5 +44,8 @@ class ExecuTorchBackend:
         return int(program.load_method("get_prefill_chunk").execute([])[0])
 
     def step(self, inputs: StepInputs) -> np.ndarray:
-        args = [self._torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.as_tuple()]
+        arrays = inputs.as_tuple()
+        if self.decode_writes_first and inputs.tokens.shape[1] == 1:
+            arrays = (*arrays[:5], decode_mask(inputs), arrays[6])
+        args = [self._torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         return self.methods[inputs.tokens.shape[1]].execute(args)[0][0].numpy()

@@ -153,14 +153,15 @@ def _export_one(backend: str, model: Transformer, layout: CacheLayout, path: Pat
         return {"weights": f"int4 MatMulNBits, group {int4_group}, {n[4]} matmuls{int8}",
                 "activations": "int8 (dynamic, inside MatMulNBits)" if level else "float32",
                 "parity_thresholds": INT8_ACTIVATION_PARITY if level else {}}
-    from .executorch_export import export_executorch
+    from .executorch_export import DECODE_FORM, export_executorch
 
     n = export_executorch(model, layout, path, stop_ids, int4_group, int8=integer is not None)
     if not any(n.values()):
-        return {}
+        return {"decode": DECODE_FORM}
     kinds = [f"int4 XNNPACK 8da4w, group {int4_group}, {n[4]} linears"] if n[4] else []
     kinds += [f"int8 per channel, XNNPACK 8da8w, {n[8]} linear{'s' * (n[8] != 1)}"] if n[8] else []
-    return {"weights": " + ".join(kinds), "activations": "int8 (dynamic, per token)", "parity_thresholds": INT8_ACTIVATION_PARITY}
+    return {"weights": " + ".join(kinds), "activations": "int8 (dynamic, per token)", "parity_thresholds": INT8_ACTIVATION_PARITY,
+            "decode": DECODE_FORM}
 
 
 def build_manifest(model: Transformer, src: Source, layout: CacheLayout, programs: dict, tokenizer) -> dict:

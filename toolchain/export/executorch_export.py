@@ -2,8 +2,11 @@
 
 The cache lives inside the program as mutable buffers updated in place (index_copy_ + the reinplace
 pass). Shapes are static: a `prefill` method takes `chunk` positions and a `decode` method takes 1;
-both are exported from the same module and share the cache buffers. Constant methods carry what a
-runner needs without a manifest (capacity, chunk, vocab, stop id).
+both share the cache buffers. Decode writes its K/V into their slot before attending, over the
+cache alone (mask [1, L], runtime.sink_cache.decode_mask), so no decode step copies the cache;
+prefill appends the chunk's K/V for the step and writes them after (a chunk's later tokens evict
+slots its earlier ones still see). Constant methods carry what a runner needs without a manifest
+(capacity, chunk, vocab, stop id).
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from ..model.transformer import Transformer
 PREFILL, DECODE = "prefill", "decode"
 
 
-def example_inputs(model: Transformer, layout: CacheLayout, t: int):
+def example_inputs(model: Transformer, layout: CacheLayout, t: int, write_first: bool = False):
     hd = model.config.head_dim
     rope = [torch.ones(t, hd) for _ in range(4)]
-    mask = torch.zeros(t, layout.physical_len + t)
+    mask = torch.zeros(t, layout.physical_len + (0 if write_first else t))
     return (torch.zeros(1, t, dtype=torch.long), *rope, mask, torch.arange(t))
 
 
@@ -57,11 +60,11 @@ def export_executorch(model: Transformer, layout: CacheLayout, path: Path, stop_
     }
     if stop_ids:
         constants["get_eos_id"] = stop_ids[0]
+    methods = {}
     with torch.no_grad():
-        methods = {
-            name: torch.export.export(program, example_inputs(model, layout, t), strict=False)
-            for name, t in ((PREFILL, layout.chunk), (DECODE, 1))
-        }
+        for name, t, write_first in ((PREFILL, layout.chunk, False), (DECODE, 1, True)):
+            program.write_first = write_first  # read when tracing: each method gets its own form
+            methods[name] = torch.export.export(program, example_inputs(model, layout, t, write_first), strict=False)
         edge = to_edge_transform_and_lower(methods, partitioner=[XnnpackPartitioner()], constant_methods=constants)
         planning = MemoryPlanningPass(share_mutable_buffers=True)  # one cache for both methods
         et = edge.to_executorch(ExecutorchBackendConfig(run_reinplace_pass=True, memory_planning_pass=planning))
@@ -69,3 +72,6 @@ def export_executorch(model: Transformer, layout: CacheLayout, path: Path, stop_
     with open(path, "wb") as f:
         et.write_to_file(f)
     return converted
+
+
+DECODE_FORM = "write-first"  # what the manifest records, so the runtime passes decode its cache-only mask
