@@ -98,11 +98,13 @@ def test_within_capacity_the_cache_equals_hugging_face_dense_attention():
 def test_sinks_never_overwritten(tiny):
     session = reference_session(tiny, LAYOUT)
     session.feed(STREAM[:4])
-    sinks = [k[:, :, :4].clone() for k, _ in session.backend.program.caches()]
+    # the program holds keys transposed, [1, n_kv, hd, L], and values as [1, n_kv, L, hd]
+    sinks = [(k[..., :4].clone(), v[:, :, :4].clone()) for k, v in session.backend.program.caches()]
     feed_in_pieces(session, STREAM[4:], [5, 1])
     assert session.schedule.slot_pos[:4].tolist() == [0, 1, 2, 3]
-    for before, (k, _) in zip(sinks, session.backend.program.caches()):
-        assert torch.equal(before, k[:, :, :4])
+    for (k0, v0), (k, v) in zip(sinks, session.backend.program.caches()):
+        assert torch.equal(k0, k[..., :4]) and torch.equal(v0, v[:, :, :4])
+        assert k0.abs().sum() > 0
 
 
 def test_no_query_key_distance_above_the_capacity():

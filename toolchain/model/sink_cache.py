@@ -21,9 +21,10 @@ from .rope import apply_rope
 from .transformer import Attention, Transformer
 
 
-def attend(attn: Attention, q, keys, values, cos_win, sin_win, cos_sink, sin_sink, mask, sink_size: int):
-    """q: un-rotated [1, n_heads, P, hd]; keys (rotated at their true positions) and values:
-    [n_kv_heads, n_keys, hd]; mask: [P, n_keys]. Returns the output projection [1, P, dim]."""
+def attend(attn: Attention, q, keys_t, values, cos_win, sin_win, cos_sink, sin_sink, mask, sink_size: int):
+    """q: un-rotated [1, n_heads, P, hd]; keys_t (rotated at their true positions, transposed):
+    [n_kv_heads, hd, n_keys]; values: [n_kv_heads, n_keys, hd]; mask: [P, n_keys].
+    Returns the output projection [1, P, dim]."""
     q_win = apply_rope(q, cos_win, sin_win)
     q_sink = apply_rope(q, cos_sink, sin_sink)
     n_kv, hd, p = attn.n_kv_heads, attn.head_dim, q.shape[2]
@@ -32,12 +33,11 @@ def attend(attn: Attention, q, keys, values, cos_win, sin_win, cos_sink, sin_sin
     # into the rows, so the cache is never expanded: q: [1, n_heads, P, hd] -> [n_kv, group * P, hd]
     q_win = q_win.reshape(n_kv, group * p, hd)
     q_sink = q_sink.reshape(n_kv, group * p, hd)
-    n_keys = keys.shape[1]
+    n_keys = keys_t.shape[2]
     scale = 1.0 / math.sqrt(hd)
-    scores = torch.cat(
-        [torch.bmm(q_sink, keys[:, :sink_size].transpose(1, 2)), torch.bmm(q_win, keys[:, sink_size:].transpose(1, 2))],
-        dim=-1,
-    )  # [n_kv, group * P, n_keys]
+    scores = torch.bmm(q_win, keys_t)  # [n_kv, group * P, n_keys]; the sink slots are then rescored
+    if sink_size:  # slicing the small score matrix, never the keys: nothing of the cache is copied
+        scores = torch.cat([torch.bmm(q_sink, keys_t[:, :, :sink_size]), scores[:, :, sink_size:]], dim=-1)
     scores = scores.view(n_kv, group, p, n_keys) * scale + mask
     probs = torch.softmax(scores, dim=-1).view(n_kv, group * p, n_keys)
     out = torch.bmm(probs, values).view(attn.n_heads, p, hd).transpose(0, 1).reshape(1, p, attn.n_heads * hd)
@@ -45,10 +45,12 @@ def attend(attn: Attention, q, keys, values, cos_win, sin_win, cos_sink, sin_sin
 
 
 def cached_attention(
-    attn: Attention, x, cos_win, sin_win, cos_sink, sin_sink, mask, k_cache, v_cache, sink_size: int, slots=None
+    attn: Attention, x, cos_win, sin_win, cos_sink, sin_sink, mask, k_cache, v_cache, sink_size: int, slots=None,
+    keys_transposed: bool = False,
 ):
-    """x: [1, P, dim]; k_cache/v_cache: [1, n_kv_heads, L, hd] (L = physical cache length).
-    Returns (output [1, P, dim], k_new, v_new [1, n_kv_heads, P, hd]).
+    """x: [1, P, dim]; v_cache: [1, n_kv_heads, L, hd] (L = physical cache length); k_cache the same,
+    or [1, n_kv_heads, hd, L] with keys_transposed (a program's own buffers: attention then reads
+    them as they lie). Returns (output [1, P, dim], k_new, v_new [1, n_kv_heads, P, hd]).
 
     Without `slots` the new K/V are appended after the cache for this step (mask: [P, L + P]) and the
     caller writes them afterwards, which a chunk needs (its later tokens evict slots its earlier ones
@@ -58,18 +60,20 @@ def cached_attention(
     q, k, v = attn.project_qkv(x)
     k_new = apply_rope(k, cos_win, sin_win)  # keys are stored at their true positions
     n_kv, hd = attn.n_kv_heads, attn.head_dim
+    k_in, key_dim = (k_new.transpose(2, 3), 3) if keys_transposed else (k_new, 2)
     if slots is None:
-        keys = torch.cat([k_cache, k_new], dim=2).view(n_kv, -1, hd)
+        keys = torch.cat([k_cache, k_in], dim=key_dim)
         values = torch.cat([v_cache, v], dim=2).view(n_kv, -1, hd)
     else:
-        k_cache.index_copy_(2, slots, k_new)
+        k_cache.index_copy_(key_dim, slots, k_in)
         v_cache.index_copy_(2, slots, v)
-        keys, values = k_cache.view(n_kv, -1, hd), v_cache.view(n_kv, -1, hd)
-    return attend(attn, q, keys, values, cos_win, sin_win, cos_sink, sin_sink, mask, sink_size), k_new, v
+        keys, values = k_cache, v_cache.view(n_kv, -1, hd)
+    keys_t = keys.view(n_kv, hd, -1) if keys_transposed else keys.view(n_kv, -1, hd).transpose(1, 2)
+    return attend(attn, q, keys_t, values, cos_win, sin_win, cos_sink, sin_sink, mask, sink_size), k_new, v
 
 
 def cached_forward(model: Transformer, layout: CacheLayout, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, caches,
-                   slots=None):
+                   slots=None, keys_transposed: bool = False):
     """tokens: [1, P] -> logits [1, P, vocab], and each layer's (k_new, v_new); with `slots`, the new
     K/V are already written into `caches` (see cached_attention)."""
     x = model.model.embed_tokens(tokens)
@@ -77,7 +81,7 @@ def cached_forward(model: Transformer, layout: CacheLayout, tokens, cos_win, sin
     for layer, (k_cache, v_cache) in zip(model.model.layers, caches):
         h, k_new, v_new = cached_attention(
             layer.self_attn, layer.input_layernorm(x), cos_win, sin_win, cos_sink, sin_sink, mask,
-            k_cache, v_cache, layout.sink_size, slots,
+            k_cache, v_cache, layout.sink_size, slots, keys_transposed,
         )
         x = x + h
         x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -93,15 +97,16 @@ def cache_shapes(model: Transformer, layout: CacheLayout) -> list[tuple[int, int
 class SinkCacheProgram(nn.Module):
     """Cache held in buffers and updated in place: forward(*StepInputs) -> logits [1, P, vocab].
 
+    Keys are held transposed ([1, n_kv_heads, hd, L]), the layout q @ K reads without a copy.
     write_first: the single-token decode form, whose new K/V go into the cache before attention and
     whose mask covers the cache alone ([1, L]; see decode_mask): no step copies the cache."""
 
     def __init__(self, model: Transformer, layout: CacheLayout, write_first: bool = False):
         super().__init__()
         self.model, self.layout, self.write_first = model, layout, write_first
-        for i, shape in enumerate(cache_shapes(model, layout)):
-            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
-            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+        for i, (b, n_kv, length, hd) in enumerate(cache_shapes(model, layout)):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(b, n_kv, hd, length), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(b, n_kv, length, hd), persistent=False)
 
     def caches(self):
         return [(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")) for i in range(self.model.config.n_layers)]
@@ -113,11 +118,12 @@ class SinkCacheProgram(nn.Module):
 
     def forward(self, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, slots):
         caches = self.caches()
+        step = (self.model, self.layout, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, caches)
         if self.write_first:
-            return cached_forward(self.model, self.layout, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, caches, slots)[0]
-        logits, new_kv = cached_forward(self.model, self.layout, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, caches)
+            return cached_forward(*step, slots, keys_transposed=True)[0]
+        logits, new_kv = cached_forward(*step, keys_transposed=True)
         for (k_cache, v_cache), (k_new, v_new) in zip(caches, new_kv):
-            k_cache.index_copy_(2, slots, k_new)
+            k_cache.index_copy_(3, slots, k_new.transpose(2, 3))
             v_cache.index_copy_(2, slots, v_new)
         return logits
 
