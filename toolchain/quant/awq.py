@@ -53,6 +53,7 @@ from pocketlm.runtime.errors import PocketLMError
 
 from ..model import rope
 from ..model.transformer import DecoderLayer, Transformer, causal_mask
+from .fold import fold_scales_
 from .rtn import INT8_PER_CHANNEL, WeightQuantSpec, fake_quant
 
 GROUPS = ("qkv", "vo", "gate_up", "down")
@@ -315,17 +316,10 @@ def _fold_layer(layer: DecoderLayer, entry: dict, where: str) -> None:
                     f"AWQ result does not fit the model: {where} '{group}' has {s.numel()} scales, "
                     f"the linear takes {lin.in_features} inputs"
                 )
-        if isinstance(producer, nn.Linear):
-            if producer.out_features != s.numel():
-                raise PocketLMError(f"AWQ result does not fit the model: {where} '{group}' producer has "
-                                    f"{producer.out_features} outputs, {s.numel()} scales")
-            producer.weight.div_(s[:, None])
-            if producer.bias is not None:
-                producer.bias.div_(s)
-        else:
-            producer.weight.div_(s)
-        for lin in consumers:
-            lin.weight.mul_(s[None, :])
+        if isinstance(producer, nn.Linear) and producer.out_features != s.numel():
+            raise PocketLMError(f"AWQ result does not fit the model: {where} '{group}' producer has "
+                                f"{producer.out_features} outputs, {s.numel()} scales")
+        fold_scales_(producer, consumers, s)
 
 
 def apply_awq(model: Transformer, result: AwqResult) -> Transformer:

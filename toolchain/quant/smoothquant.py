@@ -32,6 +32,7 @@ from torch import nn
 from ..model import rope
 from ..model.transformer import Transformer, causal_mask
 from .awq import _flat, _run_layer
+from .fold import fold_scales_
 from .rtn import INT8_PER_CHANNEL, fake_quant
 
 ALPHA_GRID = tuple(i / 10 for i in range(10))
@@ -86,17 +87,6 @@ def search(x: torch.Tensor, consumers: list[nn.Linear]) -> tuple[torch.Tensor | 
     return s, {"alpha": alpha, "loss": loss, "losses": losses, "scales": None if s is None else s.tolist()}
 
 
-def _fold(producer: nn.Module, consumers: list[nn.Linear], s: torch.Tensor) -> None:
-    if isinstance(producer, nn.Linear):  # the producer's output rows are the consumers' input columns
-        producer.weight.div_(s[:, None])
-        if producer.bias is not None:
-            producer.bias.div_(s)
-    else:
-        producer.weight.div_(s)
-    for lin in consumers:
-        lin.weight.mul_(s[None, :])
-
-
 @torch.no_grad()
 def smooth_(model: Transformer, batches: list[torch.Tensor]) -> dict:
     """Search and fold each site's smoothing into `model` in place (its float output is unchanged, to
@@ -115,12 +105,12 @@ def smooth_(model: Transformer, batches: list[torch.Tensor]) -> dict:
             consumers = [layer.get_submodule(c) for c in site.consumers]
             s, entry[name] = search(_flat(feats[site.inputs]), consumers)
             if s is not None:
-                _fold(layer.get_submodule(site.producer), consumers, s)
+                fold_scales_(layer.get_submodule(site.producer), consumers, s)
         record["layers"].append(entry)
     s, record["head"] = search(_flat([model.model.norm(x) for x in xs]), [model.lm_head])
     if s is not None:
         if model.config.tie_embeddings:  # the head gets its own copy of the matrix; the embedding keeps E
             model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
             model.config = dataclasses.replace(model.config, tie_embeddings=False)
-        _fold(model.model.norm, [model.lm_head], s)
+        fold_scales_(model.model.norm, [model.lm_head], s)
     return record
