@@ -8,7 +8,7 @@ import platform
 import time
 from pathlib import Path
 
-from pocketlm.runtime.profile import peak_rss_bytes, rss_bytes  # noqa: F401  (re-exported for the scripts)
+from pocketlm.runtime.profile import anon_rss_bytes, peak_rss_bytes, rss_bytes  # noqa: F401  (re-exported for the scripts)
 
 RESULTS = Path(__file__).parent / "results"
 

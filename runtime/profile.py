@@ -39,6 +39,13 @@ def rss_bytes() -> int:
     return _proc_status_bytes("VmRSS") or 0
 
 
+def anon_rss_bytes() -> int:
+    """Resident memory the process allocated itself, without pages of memory-mapped files (ONNX
+    Runtime maps a program's external weights: an embedding row becomes resident the first time its
+    token appears, so VmRSS creeps up with vocabulary coverage while nothing is allocated)."""
+    return _proc_status_bytes("RssAnon") or 0
+
+
 def peak_rss_bytes() -> int:
     """This process's own high-water mark. VmHWM starts afresh at exec; ru_maxrss would inherit the
     parent's peak from the fork, making every profiled child look as large as its parent."""
