@@ -17,7 +17,7 @@ from torch import nn
 
 from pocketlm.runtime.sink_cache import CacheLayout
 
-from .rope import apply_rope
+from .rope import apply_rope, rotate_half
 from .transformer import Attention, Transformer
 
 
@@ -25,8 +25,9 @@ def attend(attn: Attention, q, keys_t, values, cos_win, sin_win, cos_sink, sin_s
     """q: un-rotated [1, n_heads, P, hd]; keys_t (rotated at their true positions, transposed):
     [n_kv_heads, hd, n_keys]; values: [n_kv_heads, n_keys, hd]; mask: [P, n_keys].
     Returns the output projection [1, P, dim]."""
-    q_win = apply_rope(q, cos_win, sin_win)
-    q_sink = apply_rope(q, cos_sink, sin_sink)
+    q_rot = rotate_half(q)  # shared by both rotations of the query
+    q_win = q * cos_win + q_rot * sin_win
+    q_sink = q * cos_sink + q_rot * sin_sink
     n_kv, hd, p = attn.n_kv_heads, attn.head_dim, q.shape[2]
     group = attn.n_heads // attn.n_kv_heads
     # 3-D batched matmuls over the KV heads (batch 1 dropped), each KV head's query group folded

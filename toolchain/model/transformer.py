@@ -22,12 +22,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        # casts only when needed: a float32 model's graph then has no no-op casts (fewer nodes for
+        # every export pass to walk)
+        x32 = x if x.dtype == torch.float32 else x.float()
         # mean over a 4-D view [..., 1, dim] and dims (-2, -1): the same number, but the shape
         # XNNPACK delegates (its mean takes 4-D inputs over dims (2, 3)), so no graph break.
         lead, dim = x32.shape[:-1], x32.shape[-1]
         ms = x32.pow(2).view(*lead, 1, dim).mean((-2, -1), keepdim=True).view(*lead, 1)
-        return self.weight * (x32 * torch.rsqrt(ms + self.eps)).to(x.dtype)
+        normed = x32 * torch.rsqrt(ms + self.eps)
+        return self.weight * (normed if x.dtype == torch.float32 else normed.to(x.dtype))
 
 
 class Attention(nn.Module):
