@@ -33,7 +33,7 @@ from _common import write_json
 from pocketlm.runtime.bundle import Bundle
 from pocketlm.runtime.sink_cache import CacheLayout, SinkWindowSchedule, decode_mask
 from pocketlm.toolchain.load import load_model
-from pocketlm.toolchain.model.rope import apply_rope
+from pocketlm.toolchain.model.rope import apply_rope, rotate_half
 from pocketlm.toolchain.model.sink_cache import SinkCacheProgram
 from pocketlm.toolchain.reference import rope_freq
 
@@ -68,8 +68,7 @@ class FusedSdpaDecode(nn.Module):
             v_cache.index_copy_(1, slots, v.transpose(1, 2))
             if s:
                 orig = sinks[:, :s]
-                half = attn.head_dim // 2
-                rotated = orig * cos_d + torch.cat([-orig[..., half:], orig[..., :half]], -1) * sin_d
+                rotated = orig * cos_d + rotate_half(orig) * sin_d
                 k_cache.index_copy_(1, torch.arange(s), rotated)
             out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, 0, mask, 0.0, False, None)
             x = x + attn.o_proj(out.reshape(1, 1, attn.n_heads * attn.head_dim))
