@@ -34,6 +34,7 @@ class Scheme:
     per_channel: bool  # else group-wise
     awq: bool
     description: str
+    integer: bool = False  # an integer-only program: rotated, calibrated activation ranges, int8 head
 
 
 SCHEMES = {
@@ -42,16 +43,18 @@ SCHEMES = {
     "w4-awq": Scheme("w4-awq", 4, False, True, "int4 weights, group-wise, AWQ scales and clipping; float activations"),
     "w2-ternary": Scheme("w2-ternary", 2, True, False, "ternary weights {-1, 0, 1} x absmean scale per tensor (BitNet b1.58; needs QAT)"),
     "w8a8-int": Scheme("w8a8-int", 8, True, False, "integer-only: int8 weights per channel (SmoothQuant-searched), int8 "
-                       "activations per token, int32 accumulators, fixed-point requantization, integer nonlinearities"),
+                       "activations per token, int32 accumulators, fixed-point requantization, integer nonlinearities",
+                       integer=True),
+    "w4a8-int": Scheme("w4a8-int", 4, False, True, "integer-only: int4 weights group-wise (AWQ-searched after the rotation), "
+                       "int8 LM head and embedding, int8 activations per token, int32 accumulators, fixed-point "
+                       "requantization, integer nonlinearities", integer=True),
 }
+INTEGER_SCHEMES = tuple(name for name, s in SCHEMES.items() if s.integer)
 QAT_SEQ = 256
-PLANNED = {"w4a8-int": "integer-only int4 weights x int8 activations"}
 SMOOTHQUANT_FILE, RANGES_FILE = "rotation_smoothing.json", "activation_ranges.json"
 
 
 def scheme_spec(scheme: str, group_size: int | None = DEFAULT_GROUP_SIZE, symmetric: bool = True) -> tuple[Scheme, WeightQuantSpec]:
-    if scheme in PLANNED:
-        raise PocketLMError(f"scheme '{scheme}' ({PLANNED[scheme]}) is not implemented yet; available: {', '.join(SCHEMES)}")
     if scheme not in SCHEMES:
         raise PocketLMError(f"unknown scheme '{scheme}'; choose from {', '.join(SCHEMES)}")
     s = SCHEMES[scheme]
@@ -92,8 +95,10 @@ def quantize_source(
     sch, spec = scheme_spec(scheme, group_size, symmetric)
     if scheme == "w2-ternary" and qat_steps <= 0:
         raise PocketLMError("scheme 'w2-ternary' needs quantization-aware training: pass --qat-steps N (a few hundred)")
-    if qat_steps and scheme == "w8a8-int":
-        raise PocketLMError("scheme 'w8a8-int' calibrates its activations after PTQ; QAT is not available for it: drop --qat-steps")
+    if sch.integer and not symmetric:
+        raise PocketLMError(f"scheme '{scheme}' runs symmetric integer weights (zero point 0); drop --asymmetric")
+    if qat_steps and sch.integer:
+        raise PocketLMError(f"scheme '{scheme}' calibrates its activations after PTQ; QAT is not available for it: drop --qat-steps")
     if qat_steps and sch.awq:
         raise PocketLMError("QAT starts from round-to-nearest: use --scheme w4-rtn (or w8-rtn, w2-ternary) with --qat-steps")
     if head not in HEAD_CHOICES:
@@ -111,7 +116,11 @@ def quantize_source(
             if awq.spec != spec:
                 raise PocketLMError(f"'{awq_results}' was searched for {awq.spec.describe()}, not {spec.describe()}; "
                                     "search again or pass the matching --group-size")
-        else:
+            if ("rotation" in awq.info) != sch.integer:
+                searched = "a rotated model (w4a8-int)" if "rotation" in awq.info else "an unrotated model (w4-awq)"
+                raise PocketLMError(f"'{awq_results}' was searched on {searched}; its scales do not fit '{scheme}': "
+                                    "search again without --awq-results")
+        elif not sch.integer:  # an integer scheme searches after its rotation, below
             tokens = calibration_tokens(src.path, calib, n_seqs=calib_seqs)
             print(f"AWQ search: {spec.describe()}, {tokens.numel()} calibration tokens, {model.config.n_layers} layers", flush=True)
             with torch.no_grad():
@@ -132,13 +141,19 @@ def quantize_source(
         del teacher
     files = {}
     with torch.no_grad():
-        if scheme == "w8a8-int":
-            from .quant.w8a8 import prepare_w8a8_
+        if sch.integer:
+            from .quant.integer_only import prepare_w4a8_, prepare_w8a8_
 
             tokens = calibration_tokens(src.path, calib, n_seqs=calib_seqs)
-            print(f"w8a8-int: SmoothQuant search and activation ranges on {tokens.numel()} calibration tokens", flush=True)
-            decisions, smoothing, ranges = prepare_w8a8_(model, list(tokens.split(2)))
-            files = {SMOOTHQUANT_FILE: json.dumps(smoothing, separators=(",", ":")), RANGES_FILE: json.dumps(ranges, indent=1)}
+            batches = list(tokens.split(2))
+            if scheme == "w8a8-int":
+                print(f"w8a8-int: SmoothQuant search and activation ranges on {tokens.numel()} calibration tokens", flush=True)
+                decisions, record, ranges = prepare_w8a8_(model, batches)
+            else:
+                print(f"w4a8-int: rotation, AWQ {'re-applied' if awq else 'search'} ({spec.describe()}) and activation "
+                      f"ranges on {tokens.numel()} calibration tokens", flush=True)
+                decisions, record, ranges, awq = prepare_w4a8_(model, batches, spec, awq, awq_config)
+            files = {SMOOTHQUANT_FILE: json.dumps(record, separators=(",", ":")), RANGES_FILE: json.dumps(ranges, indent=1)}
             head = "int8"
         elif scheme == "w2-ternary":
             from .quant.qat import ternarize_
@@ -150,14 +165,15 @@ def quantize_source(
     seconds = time.perf_counter() - t0
     stage = {
         "stage": "quantize", "scheme": scheme, "weights": spec.to_dict(), "head": head,
-        "calibration": None if not (sch.awq or scheme == "w8a8-int") or awq_results else (str(calib) if calib else "default:calib"),
+        "calibration": None if not (sch.awq or sch.integer) or (awq_results and not sch.integer)
+        else (str(calib) if calib else "default:calib"),
         "awq_results": AWQ_FILE if awq else None, "seconds": round(seconds, 1),
         "qat": None if qat is None else {k: v for k, v in qat.items() if k != "losses"},
     }
     quantization = {"scheme": scheme, "description": sch.description, "weights": spec.to_dict(), "head": head,
-                    "activations": "int8 per token (dynamic), integer-only program" if files else "float32",
+                    "activations": "int8 per token (dynamic), integer-only program" if sch.integer else "float32",
                     "storage": "dequantized float32 weights on the quantization grid", "layers": decisions}
-    if files:
+    if sch.integer:
         quantization.update(smoothquant=SMOOTHQUANT_FILE, activation_ranges=RANGES_FILE)
     if awq:
         files[AWQ_FILE] = awq.to_json()

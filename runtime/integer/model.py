@@ -3,6 +3,7 @@
 What flows where (every tensor is an integer; scales are constants folded into multipliers):
   token ids -> int8 embedding row x per-row multiplier -> residual stream, int32 at one scale
   per layer: RMSNorm (integer) -> int8 per token -> q|k|v = int8 x int8 -> int32, requantized
+             (w4a8-int: int4 weight groups, one int32 per group, weighted by its Q15 scale share)
              RoPE on q and k (Q14 tables from the host); K and V cached as int16 at calibrated scales
              scores: q as int8 per (head, token) x int16 keys -> int32 -> Q16; integer softmax -> Q15
              probabilities x int16 values (int32 matmul, exact: the probabilities sum to 2^15)
@@ -25,25 +26,43 @@ from . import arith as A
 
 # what the report says ran in integers; nothing inside the program runs in floating point
 INTEGER_OPS = ["embedding lookup (int8 rows, per-row multiplier)", "RMSNorm (integer square root)",
-               "linears: int8 x int8 -> int32, per-channel fixed-point requantization", "per-token int8 activation quantization",
+               "linears: int8 x int8 (or int4 groups) -> int32, per-channel fixed-point requantization", "per-token int8 activation quantization",
                "RoPE (Q14 tables)", "attention scores (int8 q x int16 k -> int32)", "softmax (polynomial exp, Q15)",
                "probabilities x values (int32)", "SiLU (polynomial exp, integer division)", "SwiGLU product",
                "residual additions (saturating int32)", "LM head (int32 logits)"]
 FLOAT_OPS: list[str] = []  # the host still works in float: RoPE angles -> Q14 tables, int32 logits x logits_scale
 SCORE_FRAC_BITS = 16  # attention scores (already divided by sqrt(head_dim)) in Q16
 SILU_FRAC_BITS = 24  # SiLU's exp() input in Q24
+GROUP_FRAC_BITS = 15  # an int4 group's scale relative to its row's largest, in Q15
+INT4_QMAX = 7  # symmetric int4 weight codes in [-7, 7]
 
 
 @dataclass
 class IntLinear:
     """x @ weight with int8 x (one scale per token) and int8 weight [in, out] (one scale per output
-    channel): int32 accumulators requantized by (m0, shift) = s_in s_w[o] / (127 s_out)."""
+    channel): int32 accumulators requantized by (m0, shift) = s_in s_w[o] / (127 s_out).
 
-    weight: np.ndarray  # int8 [in, out]
+    Group-wise int4 weights (w4a8-int) keep one scale per group of `group_size` inputs: the weight is
+    [n_groups, group_size, out] (codes in [-7, 7]), each group's int32 accumulator is weighted by
+    its integer share of the row's largest group scale, group_factor = round(2^GROUP_FRAC_BITS
+    s[g, o] / max_g s[g, o]), summed in int64 and rounded down by group_shift bits into int32's
+    range; s_w[o] in the multipliers is then max_g s[g, o] 2^(group_shift - GROUP_FRAC_BITS)."""
+
+    weight: np.ndarray  # int8 [in, out], or [n_groups, group_size, out] with int4 codes
     m0: np.ndarray  # int32 [out]
     shift: np.ndarray  # int32 [out]
     pre_shift: int  # accumulators are < 2^(31 - pre_shift) for every int8 input
     bias: np.ndarray | None = None  # int32 [out] at the output scale
+    group_factor: np.ndarray | None = None  # int32 [n_groups, 1, out], in [0, 2^GROUP_FRAC_BITS]
+    group_shift: int = 0
+
+    @property
+    def weight_bits(self) -> int:
+        return 8 if self.group_factor is None else 4
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[-1]
 
 
 @dataclass
@@ -87,6 +106,19 @@ class IntegerModel:
     logits_scale: float
     scales: dict = field(default_factory=dict)  # the float scales behind the multipliers, for the record
 
+    def linears(self) -> dict[str, IntLinear]:
+        named = {f"layers.{i}.{site}": getattr(lay, site) for i, lay in enumerate(self.layers) for site in ("qkv", "o", "gate_up", "down")}
+        return {**named, "lm_head": self.head}
+
+    def describe_weights(self) -> str:
+        """What the manifest says of the weights, e.g. 'int4 groups of 64 in 120 matmuls, int8 per output channel in 1'."""
+        kinds: dict[str, int] = {}
+        for lin in self.linears().values():
+            kind = "int8 per output channel" if lin.group_factor is None else f"int4 groups of {lin.weight.shape[1]}"
+            kinds[kind] = kinds.get(kind, 0) + 1
+        text = ", ".join(f"{k} in {n} matmul{'s' * (n != 1)}" for k, n in sorted(kinds.items()))
+        return f"{text}; embedding int8 per row"
+
 
 def integer_inputs(step: StepInputs) -> tuple[np.ndarray, ...]:
     """The host's step inputs as the integer program takes them: token ids, Q14 RoPE tables (int32)
@@ -106,9 +138,22 @@ def _multiplier(ops, m: Multiplier, name: str):
     return (_const(ops, np.int32(m.m0), f"{name}.m0"), _const(ops, np.int32(m.shift), f"{name}.shift"))
 
 
+def _grouped_accumulators(ops, lin: IntLinear, codes, name: str):
+    """int8 codes [P, in] x int4 group weights -> int64 [P, out], below 2^(31 - pre_shift): one
+    MatMulInteger batched over the groups, then each group's int32 weighted by its Q15 share."""
+    n_groups, group_size, out = lin.weight.shape
+    x = ops.transpose(ops.reshape(codes, (-1, n_groups, group_size)), (1, 0, 2))  # [G, P, gs]
+    acc = ops.matmul_integer(x, ops.const(lin.weight, name=f"{name}.weight", bits=4))  # [G, P, out] int32
+    weighted = ops.mul(ops.cast(acc, np.int64), _const(ops, lin.group_factor, f"{name}.group_factor"))
+    return A.rdpot(ops, ops.reshape(ops.reduce_sum(weighted, 0), (-1, out)), lin.group_shift)
+
+
 def linear(ops, lin: IntLinear, codes, amax, name: str):
     """int8 codes [P, in] with per-token amax [P, 1] -> int64 values at the linear's output scales."""
-    acc = ops.matmul_integer(codes, ops.const(lin.weight, name=f"{name}.weight"))
+    if lin.group_factor is None:
+        acc = ops.matmul_integer(codes, ops.const(lin.weight, name=f"{name}.weight"))
+    else:
+        acc = _grouped_accumulators(ops, lin, codes, name)
     y = A.requantize_per_token(ops, acc, amax, _const(ops, lin.m0, f"{name}.m0"), _const(ops, lin.shift, f"{name}.shift"),
                                lin.pre_shift)
     return y if lin.bias is None else ops.add(y, _const(ops, lin.bias, f"{name}.bias"))
@@ -183,7 +228,7 @@ def decoder_step(ops, m: IntegerModel, sink_size: int, tokens, cos_win, sin_win,
         name = f"layers.{i}"
         out, k_new, v_new = attention(ops, lay, x, rope_tables, visible, past_k, past_v, sink_size, hd, eps_table, name)
         x = A.add_saturating(ops, x, out)
-        x = A.add_saturating(ops, x, mlp(ops, lay, x, lay.gate_up.weight.shape[1] // 2, eps_table, name))
+        x = A.add_saturating(ops, x, mlp(ops, lay, x, lay.gate_up.out_features // 2, eps_table, name))
         new_kv.append(tuple(ops.reshape(t, (1, lay.n_kv_heads, -1, hd)) for t in (k_new, v_new)))
     codes, amax = A.quantize_per_token(ops, A.rmsnorm(ops, x, _const(ops, m.final_norm, "norm"), eps_table))
     logits = A.saturate(ops, linear(ops, m.head, codes, amax, "lm_head"), np.int32)

@@ -31,8 +31,13 @@ def _int(x) -> np.ndarray:
 class NumpyOps:
     """The reference implementation: every method returns a numpy array."""
 
-    def const(self, value, dtype=None, name: str | None = None) -> np.ndarray:
-        return _int(np.asarray(value, dtype=dtype))
+    def const(self, value, dtype=None, name: str | None = None, bits: int | None = None) -> np.ndarray:
+        """bits: the values fit signed `bits`-bit integers, so an emitter may store them packed
+        (ONNX INT4); the tensor itself keeps its dtype."""
+        array = _int(np.asarray(value, dtype=dtype))
+        if bits is not None and array.size and (array.min() < -(1 << (bits - 1)) or array.max() >= 1 << (bits - 1)):
+            raise OverflowError(f"constant {name or ''} does not fit {bits}-bit integers")
+        return array
 
     def _pair(self, a, b) -> tuple[np.ndarray, np.ndarray]:
         a = np.asarray(a) if isinstance(a, np.generic) else a

@@ -17,6 +17,7 @@ from ..atomic import atomic_folder
 from ..load import load_model, load_tokenizer
 from ..model.convert import TOKENIZER_FILES, pocketlm_meta
 from ..model.transformer import Transformer
+from ..quantize import INTEGER_SCHEMES
 from ..sources import Source
 from ..generate import chat_prompt_ids, stop_token_ids
 from ..reference import reference_session, rope_freq
@@ -101,18 +102,20 @@ def export_bundle(
 
 
 def _integer_model(src: Source, model: Transformer):
-    """The integer-only model of a w8a8-int source (its weights and recorded activation ranges), else None."""
+    """The integer-only model of a w8a8-int or w4a8-int source (its weights and recorded activation
+    ranges), else None."""
     if src.kind != "pocketlm":
         return None
     quant = pocketlm_meta(src.path).get("quantization") or {}
-    if quant.get("scheme") != "w8a8-int":
+    if quant.get("scheme") not in INTEGER_SCHEMES:
         return None
     from .integer_program import build_integer_model
 
     ranges = src.path / quant["activation_ranges"]
     if not ranges.is_file():
-        raise PocketLMError(f"'{src.spec}' is a w8a8-int model without its '{ranges.name}'; quantize it again")
-    return build_integer_model(model, json.loads(ranges.read_text()))
+        raise PocketLMError(f"'{src.spec}' is a {quant['scheme']} model without its '{ranges.name}'; quantize it again")
+    group_size = quant["weights"]["group_size"] if quant["weights"]["bits"] == 4 else None
+    return build_integer_model(model, json.loads(ranges.read_text()), group_size)
 
 
 def _int4_group(src: Source) -> int | None:
@@ -136,7 +139,7 @@ def _export_one(backend: str, model: Transformer, layout: CacheLayout, path: Pat
 
         export_onnx_integer(integer, layout, path)
         return {"interface": "integer", "arithmetic": "integer-only", "logits_scale": integer.logits_scale,
-                "weights": "int8 per output channel", "activations": "int8 per token (dynamic, integer absmax)",
+                "weights": integer.describe_weights(), "activations": "int8 per token (dynamic, integer absmax)",
                 "requant_rounding": REQUANT_ROUNDING, "integer_ops": INTEGER_OPS, "float_ops": FLOAT_OPS,
                 "parity_thresholds": INTEGER_PARITY, "scales": integer.scales}
     if backend == "onnx":

@@ -1,9 +1,10 @@
-"""Offline side of integer-only mode: turn a float model with int8-grid weights and its calibrated
+"""Offline side of integer-only mode: turn a float model with int8- (or int4-) grid weights and its calibrated
 activation ranges into the integers of runtime/integer/model.py (codes, fixed-point multipliers).
 
 Scales chosen here (all float64 on the host; only the multipliers derived from them ship):
-- weights: symmetric int8 per output channel, s_w = max|row| / 127 (the grid the quantize stage put
-  the weights on, so the codes are recovered exactly);
+- weights: symmetric int8 per output channel, s_w = max|row| / 127, or for w4a8-int symmetric int4
+  per group of inputs, s = max|group| / 7 (the grids the quantize stage put the weights on, so the
+  codes are recovered exactly); a group's scale enters as a Q15 share of its row's largest;
 - int32 intermediates (residual stream, q, k, v, gate, up, SwiGLU product): calibrated max x HEADROOM
   maps to 2^30, i.e. ~27 bits of resolution under the calibrated range, 8x headroom above it;
 - KV cache, int16: calibrated max x CACHE_MARGIN maps to 32767 (values beyond saturate);
@@ -20,10 +21,13 @@ import torch
 
 from pocketlm.runtime.errors import PocketLMError
 from pocketlm.runtime.integer import arith as A
-from pocketlm.runtime.integer.model import SCORE_FRAC_BITS, SILU_FRAC_BITS, IntegerModel, IntLayer, IntLinear, Multiplier
+from pocketlm.runtime.integer.model import (
+    GROUP_FRAC_BITS, INT4_QMAX, SCORE_FRAC_BITS, SILU_FRAC_BITS, IntegerModel, IntLayer, IntLinear, Multiplier,
+)
 from pocketlm.runtime.quant.fixed_point import quantize_multiplier
 
 from ..model.transformer import Transformer
+from .onnx_quant import grid_codes
 
 HEADROOM = 8.0
 CACHE_MARGIN = 1.1
@@ -64,26 +68,56 @@ def _norm(gamma: torch.Tensor) -> tuple[np.ndarray, float]:
     return np.rint(g * 2.0**30 / gmax).astype(np.int32), gmax * math.sqrt(g.size) / 2.0**30
 
 
-def _linear(weights: list[torch.Tensor], s_in: float, s_out: list[float], biases=None) -> IntLinear:
-    """Consumers of one per-token int8 input, concatenated along their outputs, each with its own output scale."""
+def int4_groups(w: torch.Tensor, group_size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """[out, in] float on a symmetric int4 grid of `group_size` inputs -> (codes [out, n_groups,
+    group_size], float64 scales [out, n_groups]), or None when the weight is not on that grid."""
+    found = grid_codes(w.detach().float().numpy(), group_size, 4)
+    return None if found is None else (found[0], found[1].astype(np.float64))
+
+
+def _grouped(codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int, np.ndarray]:
+    """(weight [G, gs, out], group_factor [G, 1, out], group_shift, pre_shift, effective per-row scale)
+    of int4 codes [out, G, gs] with scales [out, G]; see IntLinear."""
+    row_max = scales.max(1)
+    row_max = np.where(row_max > 0, row_max, 1.0)
+    factor = np.rint(scales / row_max[:, None] * 2.0**GROUP_FRAC_BITS).astype(np.int64)
+    bound = A.ACT_QMAX * INT4_QMAX * codes.shape[1] * codes.shape[2] << GROUP_FRAC_BITS  # sum_g |acc_g| f_g
+    group_shift = max(0, bound.bit_length() - 31)
+    pre_shift = 31 - ((bound >> group_shift) + 1).bit_length()
+    weight = np.ascontiguousarray(codes.transpose(1, 2, 0))
+    return weight, factor.T[:, None, :].astype(np.int32), group_shift, pre_shift, row_max * 2.0**(group_shift - GROUP_FRAC_BITS)
+
+
+def _linear(weights: list[torch.Tensor], s_in: float, s_out: list[float], biases=None, group_size: int | None = None) -> IntLinear:
+    """Consumers of one per-token int8 input, concatenated along their outputs, each with its own
+    output scale. With group_size, weights that all lie on the int4 grid of that group size run as
+    group-wise int4 (w4a8-int); any other weight is int8 per output channel."""
+    groups = [int4_groups(w, group_size) for w in weights] if group_size else [None]
+    int4 = all(g is not None for g in groups)
     codes, scales, outs = [], [], []
-    for w, so in zip(weights, s_out):
-        c, s = int8_rows(w)
+    for w, so, g in zip(weights, s_out, groups if int4 else [None] * len(weights)):
+        c, s = g if int4 else int8_rows(w)
         codes.append(c)
         scales.append(s)
         outs.append(np.full(len(s), so))
     codes, s_w, s_o = np.concatenate(codes), np.concatenate(scales), np.concatenate(outs)
+    factor, group_shift = None, 0
+    if int4:
+        weight, factor, group_shift, pre_shift, s_w = _grouped(codes, s_w)
+    else:
+        weight, pre_shift = np.ascontiguousarray(codes.T), _pre_shift(codes.shape[1])
     m0, shift = multipliers(s_in * s_w * 2.0**31 / (A.ACT_QMAX * s_o))  # per 2^31 of amax: see requantize_per_token
     bias = None
     if biases is not None and any(b is not None for b in biases):
         full = np.concatenate([np.zeros(len(s)) if b is None else b.detach().double().numpy() for b, s in zip(biases, scales)])
         bias = np.clip(np.rint(full / s_o), A.INT32_MIN, A.INT32_MAX).astype(np.int32)
-    return IntLinear(np.ascontiguousarray(codes.T), m0, shift, _pre_shift(codes.shape[1]), bias)
+    return IntLinear(weight, m0, shift, pre_shift, bias, factor, group_shift)
 
 
 @torch.no_grad()
-def build_integer_model(model: Transformer, ranges: dict) -> IntegerModel:
-    """The integer model of `model` (weights already on an int8 per-channel grid, or rounded to one here)."""
+def build_integer_model(model: Transformer, ranges: dict, group_size: int | None = None) -> IntegerModel:
+    """The integer model of `model`: weights on an int8 per-channel grid (or rounded to one here),
+    or, with group_size (w4a8-int), the linears on that int4 grid as group-wise int4."""
     c = model.config
     if c.dim >= 1 << 15:
         raise PocketLMError(f"integer-only mode supports model widths below 32768, not {c.dim}")
@@ -108,16 +142,16 @@ def build_integer_model(model: Transformer, ranges: dict) -> IntegerModel:
             n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads,
             input_norm=in_gain,
             qkv=_linear([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], s_n1, [s_q, s_k, s_v],
-                        [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]),
+                        [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], group_size),
             k_cache=multiplier(s_k / s_kc), v_cache=multiplier(s_v / s_vc),
             score=multiplier(s_q * s_kc * 2.0**31 / (A.ACT_QMAX * math.sqrt(hd)) * 2.0**SCORE_FRAC_BITS),
             score_pre_shift=_pre_shift(hd, A.ACT_QMAX, INT16_MAX + 1),
-            o=_linear([attn.o_proj.weight], s_attn, [s_r]),
+            o=_linear([attn.o_proj.weight], s_attn, [s_r], group_size=group_size),
             post_norm=post_gain,
-            gate_up=_linear([mlp.gate_proj.weight, mlp.up_proj.weight], s_n2, [s_g, s_u]),
+            gate_up=_linear([mlp.gate_proj.weight, mlp.up_proj.weight], s_n2, [s_g, s_u], group_size=group_size),
             silu_in=multiplier(s_g * 2.0**SILU_FRAC_BITS),
             product_shift=product_shift,
-            down=_linear([mlp.down_proj.weight], s_m, [s_r]),
+            down=_linear([mlp.down_proj.weight], s_m, [s_r], group_size=group_size),
         ))
         scales["layers"].append({"q": s_q, "k": s_k, "v": s_v, "k_cache": s_kc, "v_cache": s_vc, "gate": s_g,
                                  "up": s_u, "down_in": s_m, "input_norm": s_n1, "post_norm": s_n2})
@@ -125,6 +159,6 @@ def build_integer_model(model: Transformer, ranges: dict) -> IntegerModel:
     return IntegerModel(
         dim=c.dim, head_dim=hd, vocab_size=c.vocab_size,
         embed=embed, embed_m0=embed_m0, embed_shift=embed_shift, layers=layers,
-        final_norm=final_gain, head=_linear([model.lm_head.weight], s_nf, [2.0**-LOGITS_FRAC_BITS]),
+        final_norm=final_gain, head=_linear([model.lm_head.weight], s_nf, [2.0**-LOGITS_FRAC_BITS], group_size=group_size),
         eps_table=A.rmsnorm_eps_table(c.norm_eps, c.dim, s_r), logits_scale=2.0**-LOGITS_FRAC_BITS, scales=scales,
     )

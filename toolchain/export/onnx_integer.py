@@ -20,7 +20,7 @@ from pocketlm.runtime.sink_cache import CacheLayout
 
 from .onnx_ops import ONNX_DTYPE, OnnxOps
 
-OPSET = 18
+OPSET = 21  # INT4 initializers (packed int4 weights) need opset 21
 STEPS = "steps"  # the dynamic step length: 1 for decode, up to the prefill chunk
 
 

@@ -17,6 +17,16 @@ ONNX_DTYPE = {np.dtype(np.int8): TensorProto.INT8, np.dtype(np.int16): TensorPro
               np.dtype(np.int64): TensorProto.INT64, np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.bool_): TensorProto.BOOL}
 
 
+def int4_initializer(array: np.ndarray, name: str):
+    """Signed values in [-8, 7] as an ONNX INT4 tensor: row-major, two per byte, the first in the low nibble."""
+    flat = array.astype(np.int8).reshape(-1)
+    if flat.size and (flat.min() < -8 or flat.max() > 7):
+        raise ValueError(f"{name}: values outside int4's range")
+    nibbles = (np.concatenate([flat, np.zeros(flat.size % 2, np.int8)]).view(np.uint8) & 0x0F).reshape(-1, 2)
+    packed = (nibbles[:, 0] | (nibbles[:, 1] << 4)).astype(np.uint8)
+    return helper.make_tensor(name, TensorProto.INT4, array.shape, packed.tobytes(), raw=True)
+
+
 @dataclass(frozen=True)
 class Sym:
     """A tensor of the graph being built: its value name and element type."""
@@ -48,12 +58,21 @@ class OnnxOps:
         self.nodes.append(helper.make_node("Identity", [x.name], [name], name=f"{name}_node"))
         return Sym(name, x.dtype)
 
-    def const(self, value, dtype=None, name: str | None = None) -> Sym:
+    def const(self, value, dtype=None, name: str | None = None, bits: int | None = None) -> Sym:
+        """An initializer; with bits=4 the int8 values are stored packed as ONNX INT4 (two per byte)
+        and a Cast widens them back to int8, which ONNX Runtime folds once when it loads the graph."""
         array = np.asarray(value, dtype=dtype)
-        key = (array.dtype.str, array.shape, array.tobytes())
+        key = (array.dtype.str, array.shape, array.tobytes(), bits)
         if key not in self._consts:
             init_name = name if name and name not in {i.name for i in self.initializers} else self._fresh("const")
-            self.initializers.append(numpy_helper.from_array(array, init_name))
+            if bits == 4:
+                self.initializers.append(int4_initializer(array, f"{init_name}.int4"))
+                self.nodes.append(helper.make_node("Cast", [f"{init_name}.int4"], [init_name], name=f"{init_name}_cast",
+                                                   to=ONNX_DTYPE[array.dtype]))
+            elif bits is None:
+                self.initializers.append(numpy_helper.from_array(array, init_name))
+            else:
+                raise ValueError(f"no packed storage for {bits}-bit constants")
             self._consts[key] = Sym(init_name, array.dtype)
         return self._consts[key]
 
