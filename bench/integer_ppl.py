@@ -1,10 +1,13 @@
-"""Integer-only W8A8 (scheme w8a8-int) against fp32 on the default text, same run, pocketlm eval protocol
-(16,384 tokens, windows of 512): the integer ONNX program run by ONNX Runtime through a 4 + 508 cache
-(one window fits, so it equals a dense cache), the same folder's float model (int8 weights, float
-activations: the weights' share of the loss), and bit-exactness of ONNX Runtime against the numpy
-integer reference on the first windows. Optionally ONNX Runtime's own dynamic int8 quantization of
-the fp32 ONNX export (quantize_dynamic, per-tensor activations), the tool a user would reach for.
-Usage: python bench/integer_ppl.py [--folder W8A8_FOLDER] [--max-tokens 16384] [--exact-windows 2] [--ort-dynamic] [--out FILE]"""
+"""Integer-only programs (schemes w8a8-int, w4a8-int) against fp32 on the default text, same run, pocketlm
+eval protocol (16,384 tokens, windows of 512): the integer ONNX program run by ONNX Runtime through a
+4 + 508 cache (one window fits, so it equals a dense cache), the same folder's float model (the same
+int8 or int4 weights, float activations: the weights' share of the loss), and bit-exactness of ONNX
+Runtime against the numpy integer reference on the first windows. Optionally ONNX Runtime's own
+dynamic int8 quantization of the fp32 ONNX export (quantize_dynamic, per-tensor activations), the
+tool a user would reach for.
+Usage: python bench/integer_ppl.py [--scheme w8a8-int|w4a8-int] [--group-size 64] [--folder FOLDER] [--max-tokens 16384]
+       [--exact-windows 2] [--ort-dynamic] [--out FILE]
+Writes bench/results/integer_ppl.json (w8a8-int) or integer_ppl_w4a8.json."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from pocketlm.runtime import perplexity as ppl_protocol
 from pocketlm.runtime.backends.onnx import OnnxBackend
 from pocketlm.runtime.bundle import Bundle
 from pocketlm.runtime.integer.reference import IntegerReferenceBackend
+from pocketlm.runtime.profile import file_sizes
 from pocketlm.runtime.session import CachedSession, fresh_window_logits
 from pocketlm.runtime.validate import session_for
 from pocketlm.toolchain.evaluate import eval_text_ids, evaluate_perplexity
@@ -56,7 +60,9 @@ def ort_dynamic_ppl(source: str, root: Path, ids, max_tokens) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--source", default="default")
-    ap.add_argument("--folder", default=None, help="an existing w8a8-int folder (default: quantize the source now)")
+    ap.add_argument("--scheme", default="w8a8-int", choices=["w8a8-int", "w4a8-int"])
+    ap.add_argument("--group-size", type=int, default=64, help="w4a8-int's int4 groups")
+    ap.add_argument("--folder", default=None, help="an existing folder of that scheme (default: quantize the source now)")
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--exact-windows", type=int, default=2, help="windows compared with the numpy reference, bit for bit")
     ap.add_argument("--threads", type=int, default=2)
@@ -70,10 +76,11 @@ def main() -> None:
     print("fp32", results["fp32"], flush=True)
 
     t0 = time.perf_counter()
-    folder = Path(args.folder) if args.folder else quantize_source(args.source, root / "w8a8", scheme="w8a8-int")
+    scheme = args.scheme
+    folder = Path(args.folder) if args.folder else quantize_source(args.source, root / scheme, scheme=scheme, group_size=args.group_size)
     quantize_s = None if args.folder else time.perf_counter() - t0
-    results["w8a8-int float activations"] = {"ppl": evaluate_perplexity(folder, max_tokens=args.max_tokens, show_progress=False).ppl}
-    print("int8 weights, float activations", results["w8a8-int float activations"], flush=True)
+    results[f"{scheme} float activations"] = {"ppl": evaluate_perplexity(folder, max_tokens=args.max_tokens, show_progress=False).ppl}
+    print("the same weights, float activations", results[f"{scheme} float activations"], flush=True)
 
     t0 = time.perf_counter()
     bundle = Bundle.open(export_bundle(folder, root / "bundle", ("onnx",), **LAYOUT))
@@ -81,8 +88,10 @@ def main() -> None:
     model, src = load_model(folder)
     ids = eval_text_ids(src, None)
     ppl, tok_s = program_ppl(session_for(bundle, "onnx", args.threads), ids, args.max_tokens)
-    results["w8a8-int ONNX Runtime"] = {"ppl": ppl, "eval_tok_s": tok_s, "quantize_s": quantize_s, "export_s": export_s}
-    print("integer-only program", results["w8a8-int ONNX Runtime"], flush=True)
+    program_bytes = file_sizes(bundle)["programs"]["onnx"]
+    results[f"{scheme} ONNX Runtime"] = {"ppl": ppl, "eval_tok_s": tok_s, "quantize_s": quantize_s, "export_s": export_s,
+                                         "program_bytes": program_bytes}
+    print("integer-only program", results[f"{scheme} ONNX Runtime"], flush=True)
 
     n = args.exact_windows * CTX
     program = fresh_window_logits(session_for(bundle, "onnx", args.threads))
@@ -100,9 +109,10 @@ def main() -> None:
     for r in results.values():
         if "ppl" in r:
             r["vs_fp32_pct"] = 100 * (r["ppl"] / fp - 1)
-    write_json("integer_ppl", {"source": args.source, "max_tokens": args.max_tokens, "ctx": CTX, "cache": LAYOUT,
-                               "threads": args.threads, "program": bundle.manifest["programs"]["onnx"]["arithmetic"],
-                               "results": results}, args.out)
+    write_json("integer_ppl" if scheme == "w8a8-int" else "integer_ppl_w4a8",
+               {"source": args.source, "scheme": scheme, "max_tokens": args.max_tokens, "ctx": CTX, "cache": LAYOUT,
+                "threads": args.threads, "program": bundle.manifest["programs"]["onnx"]["arithmetic"],
+                "weights": bundle.manifest["programs"]["onnx"]["weights"], "results": results}, args.out)
 
 
 if __name__ == "__main__":

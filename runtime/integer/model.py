@@ -57,10 +57,6 @@ class IntLinear:
     group_shift: int = 0
 
     @property
-    def weight_bits(self) -> int:
-        return 8 if self.group_factor is None else 4
-
-    @property
     def out_features(self) -> int:
         return self.weight.shape[-1]
 
