@@ -1,7 +1,7 @@
 """A conversation's state over one backend: the host schedule plus the program's cache.
 
 Prompts are prefilled chunk by chunk (a prompt longer than the whole cache just evicts as it goes);
-single tokens take the 1-position decode step. Memory and per-token work do not depend on how long
+single tokens take the 1-position decode step (from the backend's decode_from position on). Memory and per-token work do not depend on how long
 the conversation has been.
 """
 
@@ -36,7 +36,8 @@ class CachedSession:
         chunk, outs = self.layout.chunk, []
         for start in range(0, len(ids), chunk):
             piece = ids[start : start + chunk]
-            width = 1 if len(piece) == 1 else chunk
+            # a backend's single-token method may not serve the first positions (ExecuTorch's: the sinks)
+            width = 1 if len(piece) == 1 and self.n_seen >= self.backend.decode_from else chunk
             step = self.schedule.step_inputs(piece, width)
             logits = self.backend.step(step)[: step.n_valid]
             self.schedule.commit(step)

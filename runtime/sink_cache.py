@@ -129,14 +129,16 @@ class SinkWindowSchedule:
         self.n_seen += step.n_valid
 
 
-def decode_mask(step: StepInputs) -> np.ndarray:
-    """The mask of a single-token step for a program that writes the new K/V into their slot before
-    attending (ExecuTorch's decode method): [1, physical_len], the cache alone, with the new token
-    visible in its own slot. That slot's previous occupant is exactly the token this one evicts,
-    masked in step.mask, so the two forms attend to the same keys."""
+def decode_key_count(step: StepInputs) -> int:
+    """How many leading cache slots a single-token step attends to once its K/V are in their slot.
+    Slots fill in order and, once the ring is full, every slot is visible (the new token's slot held
+    exactly the token it evicts), so a token always sees slots 0..n-1: a fused attention kernel
+    (ExecuTorch's decode method) reads just those n, not the whole cache."""
     if step.n_valid != 1 or step.tokens.shape[1] != 1:
-        raise PocketLMError("decode_mask() is for single-token steps")
-    length = step.mask.shape[1] - 1
-    mask = step.mask[:, :length].copy()
-    mask[0, step.slots[0]] = step.mask[0, length]
-    return mask
+        raise PocketLMError("decode_key_count() is for single-token steps")
+    visible = step.mask[0, : step.mask.shape[1] - 1] == 0
+    visible[step.slots[0]] = True
+    n = int(visible.sum())
+    if not visible[:n].all():
+        raise PocketLMError("the visible cache slots are not a prefix of the cache; the schedule is inconsistent")
+    return n

@@ -98,13 +98,14 @@ def test_within_capacity_the_cache_equals_hugging_face_dense_attention():
 def test_sinks_never_overwritten(tiny):
     session = reference_session(tiny, LAYOUT)
     session.feed(STREAM[:4])
-    # the program holds keys transposed, [1, n_kv, hd, L], and values as [1, n_kv, L, hd]
-    sinks = [(k[..., :4].clone(), v[:, :, :4].clone()) for k, v in session.backend.program.caches()]
+    program = session.backend.program  # buffers [1, L, n_kv, hd]; the sinks as stored: sink_keys [1, S + 1, n_kv, hd]
+    layers = range(tiny.config.n_layers)
+    sinks = [tuple(b[:, :4].clone() for b in program.buffers_of(i)) for i in layers]
     feed_in_pieces(session, STREAM[4:], [5, 1])
     assert session.schedule.slot_pos[:4].tolist() == [0, 1, 2, 3]
-    for (k0, v0), (k, v) in zip(sinks, session.backend.program.caches()):
-        assert torch.equal(k0, k[..., :4]) and torch.equal(v0, v[:, :, :4])
-        assert k0.abs().sum() > 0
+    for before, i in zip(sinks, layers):
+        assert all(torch.equal(b0, b[:, :4]) for b0, b in zip(before, program.buffers_of(i)))
+        assert before[0].abs().sum() > 0
 
 
 def test_no_query_key_distance_above_the_capacity():
@@ -144,29 +145,38 @@ def test_bad_layouts_are_refused():
         reference_session(convert.from_hf_model(tiny_hf_model()), LAYOUT).feed([])
 
 
-def test_writing_the_decode_token_before_attending_matches_the_oracle(tiny):
-    """The decode form ExecuTorch exports: the new K/V go into their slot first and attention reads the
-    cache alone (runtime.sink_cache.decode_mask); slot by slot it must see what the oracle sees."""
+def test_the_fused_decode_reading_only_the_filled_slots_matches_the_oracle(tiny):
+    """ExecuTorch's decode form: a single token past the sinks attends through llama::custom_sdpa to
+    the first decode_key_count(step) cache rows only, the sinks re-rotated instead of a second query
+    rotation; the session sends the first sink_size tokens as chunks. Slot by slot it must see what
+    the oracle sees, before and after the ring fills, and chunks after decodes still read the sinks
+    as stored."""
     from pocketlm.runtime.session import CachedSession
-    from pocketlm.runtime.sink_cache import StepInputs, decode_mask
-    from pocketlm.toolchain.model.sink_cache import SinkCacheProgram
+    from pocketlm.runtime.sink_cache import StepInputs, decode_key_count
     from pocketlm.toolchain.reference import TorchBackend, rope_freq
 
-    class WriteFirstDecode(TorchBackend):
-        def __init__(self, model, layout):
-            super().__init__(model, layout)
-            self.decode = SinkCacheProgram(model, layout, write_first=True)
-            self.decode.load_state_dict(self.program.state_dict(), strict=False)
-            for name, buf in self.program.named_buffers():  # one cache for both forms, as in the .pte
-                setattr(self.decode, name, buf)
+    class FusedDecode(TorchBackend):
+        decode_from = LAYOUT.sink_size
 
         @torch.no_grad()
         def step(self, inputs: StepInputs) -> np.ndarray:
             if inputs.tokens.shape[1] > 1:
                 return super().step(inputs)
-            arrays = (*inputs.as_tuple()[:5], decode_mask(inputs), inputs.slots)
-            return self.decode(*[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])[0].numpy()
+            arrays = (*inputs.as_tuple()[:5], inputs.slots, np.array([decode_key_count(inputs)]))
+            return self.program.decode(*[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])[0].numpy()
 
-    session = CachedSession(WriteFirstDecode(tiny, LAYOUT), LAYOUT, rope_freq(tiny))
-    ours = feed_in_pieces(session, STREAM, [6, 1, 1, 1, 1, 5])
+    session = CachedSession(FusedDecode(tiny, LAYOUT), LAYOUT, rope_freq(tiny))
+    ours = feed_in_pieces(session, STREAM, [1, 1, 6, 1, 1, 1, 1, 1, 1, 5])
     assert np.abs(ours - oracle_logits(tiny, STREAM, 4, 12)).max() < 1e-4
+
+
+def test_a_single_token_sees_a_prefix_of_the_cache_before_and_after_the_ring_fills():
+    from pocketlm.runtime.sink_cache import decode_key_count
+
+    schedule = SinkWindowSchedule(LAYOUT, np_rope.inv_freq(8, 10000.0))
+    counts = []
+    for _ in range(40):
+        step = schedule.step_inputs([3], 1)
+        counts.append(decode_key_count(step))
+        schedule.commit(step)
+    assert counts == [min(p + 1, LAYOUT.cache_len) for p in range(40)]

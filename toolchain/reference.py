@@ -28,6 +28,7 @@ def rope_freq(model: Transformer) -> np.ndarray:
 
 class TorchBackend:
     name = "pytorch"
+    decode_from = 0
 
     def __init__(self, model: Transformer, layout: CacheLayout):
         self.program = SinkCacheProgram(model, layout).eval()

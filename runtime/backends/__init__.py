@@ -14,6 +14,7 @@ NAMES = ("onnx", "executorch")
 
 class Backend(Protocol):
     name: str
+    decode_from: int  # the first position its single-token step serves; earlier single tokens go as a chunk
 
     def step(self, inputs: StepInputs) -> np.ndarray:
         """Run one step (1 or `chunk` positions), update the cache, return float32 logits [P, vocab]."""

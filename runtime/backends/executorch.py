@@ -5,6 +5,11 @@ used (never at `import pocketlm.runtime`); on a phone the same .pte runs from C+
 The program computes on ExecuTorch's own threadpool; torch here only wraps inputs and outputs, so it
 gets one thread: otherwise its OpenMP workers, woken by copying a step's logits out, spin on the
 cores XNNPACK is using (measured, int4 SmolLM2 at 2 threads: decode 96 -> 149 tok/s).
+
+The decode method attends through ExecuTorch's fused attention (llama::custom_sdpa, whose kernel
+ships in the executorch package as a library this backend loads) over the first n cache slots
+(sink_cache.decode_key_count), so it takes no mask; it handles positions past the sinks, and the
+session sends the first sink_size tokens through the prefill method.
 """
 
 from __future__ import annotations
@@ -13,7 +18,24 @@ from pathlib import Path
 
 import numpy as np
 
-from ..sink_cache import StepInputs, decode_mask
+from ..errors import PocketLMError
+from ..sink_cache import StepInputs, decode_key_count
+
+FUSED_DECODE = "fused-sdpa"  # the manifest's name for the decode form this backend runs
+
+
+def load_fused_attention_kernels() -> None:
+    """ExecuTorch's LLM custom ops (llama::custom_sdpa): a library inside the executorch package."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.find_spec("executorch.extension.llm.custom_ops")
+    libs = sorted(Path(spec.submodule_search_locations[0]).glob("libcustom_ops_aot_lib.*")) if spec else []
+    if not libs:
+        raise PocketLMError("this ExecuTorch install has no LLM custom ops library (libcustom_ops_aot_lib); "
+                            "install the executorch wheel pocketlm pins")
+    torch.ops.load_library(str(libs[0]))
 
 
 class ExecuTorchBackend:
@@ -29,14 +51,16 @@ class ExecuTorchBackend:
         if threads and portable_lib._threadpool_get_thread_count() != threads:
             portable_lib._unsafe_reset_threadpool(threads)
         self.path = Path(path)
-        self._runtime = Runtime.get()
-        self._verification = Verification.Minimal
-        # the manifest says whether decode writes its K/V before attending (mask over the cache alone)
-        self.decode_writes_first = (program or {}).get("decode") == "write-first"
-        et_program = self._runtime.load_program(self.path, verification=self._verification)
+        form = (program or {}).get("decode")
+        if form != FUSED_DECODE:
+            raise PocketLMError(f"'{self.path}' has a decode method of form {form!r}; this runtime runs {FUSED_DECODE!r}: "
+                                "re-export the bundle")
+        load_fused_attention_kernels()
+        et_program = Runtime.get().load_program(self.path, verification=Verification.Minimal)
         # both methods come from one Program, so they share its memory-planned cache buffers
         self.methods = {1: et_program.load_method("decode")}
-        self.methods[self.chunk(et_program)] = et_program.load_method("prefill")
+        self.methods[self._constant(et_program, "get_prefill_chunk")] = et_program.load_method("prefill")
+        self.decode_from = self._constant(et_program, "get_sink_size")  # earlier tokens write sinks: prefill
 
     def reset(self) -> None:
         """Nothing to clear: the host masks every slot this conversation has not written (finite
@@ -44,12 +68,12 @@ class ExecuTorchBackend:
         the program instead would briefly hold two copies of its weights."""
 
     @staticmethod
-    def chunk(program) -> int:
-        return int(program.load_method("get_prefill_chunk").execute([])[0])
+    def _constant(program, name: str) -> int:
+        return int(program.load_method(name).execute([])[0])
 
     def step(self, inputs: StepInputs) -> np.ndarray:
         arrays = inputs.as_tuple()
-        if self.decode_writes_first and inputs.tokens.shape[1] == 1:
-            arrays = (*arrays[:5], decode_mask(inputs), arrays[6])
+        if inputs.tokens.shape[1] == 1:  # decode: (tokens, 4 RoPE tables, slots, n_keys), no mask
+            arrays = (*arrays[:5], arrays[6], np.array([decode_key_count(inputs)], np.int64))
         args = [self._torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         return self.methods[inputs.tokens.shape[1]].execute(args)[0][0].numpy()

@@ -12,6 +12,7 @@ from .ops import NumpyOps
 
 class IntegerReferenceBackend:
     name = "integer-reference"
+    decode_from = 0
 
     def __init__(self, model: IntegerModel, layout: CacheLayout):
         self.model, self.layout, self.ops = model, layout, NumpyOps()

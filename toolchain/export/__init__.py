@@ -59,6 +59,9 @@ def export_bundle(
     if unknown or not backends:
         raise PocketLMError(f"unknown backend {unknown or '(none)'}; choose from {', '.join(BACKENDS)}")
     layout = CacheLayout(sink_size, window_size, chunk)  # validated before any compute
+    if "executorch" in backends and chunk < 2:
+        raise PocketLMError(f"prefill chunk {chunk}: the ExecuTorch program needs a chunk of at least 2 "
+                            "(its 1-token method is decode); pass --chunk 2 or more")
     if onnx_int4 not in ONNX_INT4:
         raise PocketLMError(f"onnx_int4={onnx_int4!r}: choose one of {', '.join(ONNX_INT4)}")
     out = Path(out)

@@ -1,9 +1,11 @@
 """pocketlm's Transformer running over the sink-window KV cache (semantics: pocketlm.runtime.sink_cache).
 
-One step takes P token positions plus the host's RoPE tables, mask and slots. Two wrappers share
-`cached_forward`:
+One step takes P token positions plus the host's RoPE tables, mask and slots; `attend` is the
+attention every masked step shares (the query rotated twice: at its true position for the window, at
+its in-cache position for the sinks). Two wrappers:
 - SinkCacheProgram keeps the cache in buffers updated in place (the ExecuTorch program and the
-  eager PyTorch reference);
+  eager PyTorch reference); its decode form reads only the filled cache rows through ExecuTorch's
+  fused attention, with the sinks re-rotated instead of a second query rotation;
 - SinkCacheStateless takes the cache as inputs and returns only the new K/V (the ONNX program; the
   host writes them into its ring, so no step copies the whole cache).
 """
@@ -45,49 +47,71 @@ def attend(attn: Attention, q, keys_t, values, cos_win, sin_win, cos_sink, sin_s
     return attn.o_proj(out)
 
 
-def cached_attention(
-    attn: Attention, x, cos_win, sin_win, cos_sink, sin_sink, mask, k_cache, v_cache, sink_size: int, slots=None,
-    keys_transposed: bool = False,
-):
-    """x: [1, P, dim]; v_cache: [1, n_kv_heads, L, hd] (L = physical cache length); k_cache the same,
-    or [1, n_kv_heads, hd, L] with keys_transposed (a program's own buffers: attention then reads
-    them as they lie). Returns (output [1, P, dim], k_new, v_new [1, n_kv_heads, P, hd]).
-
-    Without `slots` the new K/V are appended after the cache for this step (mask: [P, L + P]) and the
-    caller writes them afterwards, which a chunk needs (its later tokens evict slots its earlier ones
-    still see). With `slots` (a single decode token) they are written into the cache first and
-    attention reads the cache alone (mask: [P, L], the new token's slot visible): no copy of the cache.
-    """
+def stateless_attention(attn: Attention, x, cos_win, sin_win, cos_sink, sin_sink, mask, k_cache, v_cache, sink_size: int):
+    """The ONNX step: k_cache, v_cache [1, n_kv_heads, L, hd] are inputs (L = physical cache length);
+    the new K/V are appended for this step (mask: [P, L + P]) and returned for the host to write.
+    Returns (output [1, P, dim], k_new, v_new [1, n_kv_heads, P, hd])."""
     q, k, v = attn.project_qkv(x)
     k_new = apply_rope(k, cos_win, sin_win)  # keys are stored at their true positions
     n_kv, hd = attn.n_kv_heads, attn.head_dim
-    k_in, key_dim = (k_new.transpose(2, 3), 3) if keys_transposed else (k_new, 2)
-    if slots is None:
-        keys = torch.cat([k_cache, k_in], dim=key_dim)
-        values = torch.cat([v_cache, v], dim=2).view(n_kv, -1, hd)
-    else:
-        k_cache.index_copy_(key_dim, slots, k_in)
-        v_cache.index_copy_(2, slots, v)
-        keys, values = k_cache, v_cache.view(n_kv, -1, hd)
-    keys_t = keys.view(n_kv, hd, -1) if keys_transposed else keys.view(n_kv, -1, hd).transpose(1, 2)
+    keys_t = torch.cat([k_cache, k_new], dim=2).view(n_kv, -1, hd).transpose(1, 2)
+    values = torch.cat([v_cache, v], dim=2).view(n_kv, -1, hd)
     return attend(attn, q, keys_t, values, cos_win, sin_win, cos_sink, sin_sink, mask, sink_size), k_new, v
 
 
-def cached_forward(model: Transformer, layout: CacheLayout, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, caches,
-                   slots=None, keys_transposed: bool = False):
-    """tokens: [1, P] -> logits [1, P, vocab], and each layer's (k_new, v_new); with `slots`, the new
-    K/V are already written into `caches` (see cached_attention)."""
+def chunk_attention(attn: Attention, x, cos_win, sin_win, cos_sink, sin_sink, mask, k_cache, v_cache, sink_keys,
+                    slots, sink_size: int):
+    """A step of P positions over a program's own buffers, k_cache and v_cache [1, L, n_kv_heads, hd]
+    and sink_keys [1, S + 1, n_kv_heads, hd] (the sinks as stored, rotated at their true positions;
+    row S is a trash row). The chunk's K/V are appended for the step (mask: [P, L + P]) and written
+    into their slots after attention: a chunk's later tokens evict slots its earlier ones still see.
+    Attention reads the sinks from sink_keys, since decode (decode_attention) keeps k_cache's sink rows
+    re-rotated for its own query. Returns the output projection [1, P, dim]."""
+    q, k, v = attn.project_qkv(x)
+    k_new = apply_rope(k, cos_win, sin_win).transpose(1, 2)  # [1, P, n_kv, hd], at their true positions
+    v_new = v.transpose(1, 2)
+    keys = torch.cat([sink_keys[:, :sink_size], k_cache[:, sink_size:], k_new], dim=1)  # [1, L + P, n_kv, hd]
+    keys_t = keys[0].permute(1, 2, 0)  # [n_kv, hd, L + P]
+    values = torch.cat([v_cache, v_new], dim=1)[0].transpose(0, 1)  # [n_kv, L + P, hd]
+    out = attend(attn, q, keys_t, values, cos_win, sin_win, cos_sink, sin_sink, mask, sink_size)
+    k_cache.index_copy_(1, slots, k_new)
+    v_cache.index_copy_(1, slots, v_new)
+    sink_keys.index_copy_(1, torch.clamp(slots, max=sink_size), k_new)  # non-sink positions land in the trash row
+    return out
+
+
+def load_fused_attention() -> None:
+    """Register llama::custom_sdpa, ExecuTorch's fused attention (its eager kernel too)."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+
+
+def decode_attention(attn: Attention, x, cos_win, sin_win, cos_d, sin_d, k_cache, v_cache, sink_keys, sink_and_slot,
+                     slots, start_pos, sink_size: int):
+    """One token at a position past the sinks, through ExecuTorch's fused attention (llama::custom_sdpa),
+    which reads only the cache's first start_pos + 1 rows: the slots fill in order, and once full
+    every slot is visible, so those rows are exactly what the token sees (runtime.sink_cache
+    .decode_key_count). One query rotation (its true position) suits the window; the S sink keys are
+    re-rotated from sink_keys by d = true - in-cache position (cos_d, sin_d) into k_cache's sink rows,
+    written with the token's own K in one index_copy (sink_and_slot = [0..S-1, slot])."""
+    n_kv, hd = attn.n_kv_heads, attn.head_dim
+    q, k, v = attn.project_qkv(x)
+    q = apply_rope(q, cos_win, sin_win).transpose(1, 2)  # [1, 1, n_heads, hd]
+    k_new = apply_rope(k, cos_win, sin_win).transpose(1, 2)  # [1, 1, n_kv, hd]
+    sinks = sink_keys[:, :sink_size]
+    rotated = sinks * cos_d + rotate_half(sinks) * sin_d
+    k_cache.index_copy_(1, sink_and_slot, torch.cat([rotated, k_new], dim=1))
+    v_cache.index_copy_(1, slots, v.transpose(1, 2))
+    out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start_pos, None, 0.0, False, None)  # [1, 1, n_heads, hd]
+    return attn.o_proj(out.reshape(1, 1, attn.n_heads * hd))
+
+
+def _layers_forward(model: Transformer, tokens, attention) -> torch.Tensor:
+    """Embedding, then per layer x += attention(i, layer, norm(x)) and the MLP, then the head."""
     x = model.model.embed_tokens(tokens)
-    new_kv = []
-    for layer, (k_cache, v_cache) in zip(model.model.layers, caches):
-        h, k_new, v_new = cached_attention(
-            layer.self_attn, layer.input_layernorm(x), cos_win, sin_win, cos_sink, sin_sink, mask,
-            k_cache, v_cache, layout.sink_size, slots, keys_transposed,
-        )
-        x = x + h
+    for i, layer in enumerate(model.model.layers):
+        x = x + attention(i, layer.self_attn, layer.input_layernorm(x))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-        new_kv.append((k_new, v_new))
-    return model.lm_head(model.model.norm(x)).float(), new_kv
+    return model.lm_head(model.model.norm(x)).float()
 
 
 def cache_shapes(model: Transformer, layout: CacheLayout) -> list[tuple[int, int, int, int]]:
@@ -96,37 +120,64 @@ def cache_shapes(model: Transformer, layout: CacheLayout) -> list[tuple[int, int
 
 
 class SinkCacheProgram(nn.Module):
-    """Cache held in buffers and updated in place: forward(*StepInputs) -> logits [1, P, vocab].
+    """Cache held in buffers and updated in place (the ExecuTorch program and the eager reference):
+    k_cache_i, v_cache_i [1, L, n_kv_heads, hd] (the layout llama::custom_sdpa reads) and
+    sink_keys_i [1, S + 1, n_kv_heads, hd].
 
-    Keys are held transposed ([1, n_kv_heads, hd, L]), the layout q @ K reads without a copy.
-    write_first: the single-token decode form, whose new K/V go into the cache before attention and
-    whose mask covers the cache alone ([1, L]; see decode_mask): no step copies the cache."""
+    forward(tokens, cos_win, sin_win, cos_sink, sin_sink, mask, slots) -> logits [1, P, vocab] is a
+    step of any P (chunk_attention). decode(tokens, cos_win, sin_win, cos_sink, sin_sink, slots,
+    n_keys) is the single-token form for positions >= S (decode_attention): no mask, and attention
+    reads n_keys cache rows, not the whole cache."""
 
-    def __init__(self, model: Transformer, layout: CacheLayout, write_first: bool = False):
+    def __init__(self, model: Transformer, layout: CacheLayout):
         super().__init__()
-        self.model, self.layout, self.write_first = model, layout, write_first
+        self.model, self.layout = model, layout
+        s = layout.sink_size
         for i, (b, n_kv, length, hd) in enumerate(cache_shapes(model, layout)):
-            self.register_buffer(f"k_cache_{i}", torch.zeros(b, n_kv, hd, length), persistent=False)
-            self.register_buffer(f"v_cache_{i}", torch.zeros(b, n_kv, length, hd), persistent=False)
+            self.register_buffer(f"k_cache_{i}", torch.zeros(b, length, n_kv, hd), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(b, length, n_kv, hd), persistent=False)
+            self.register_buffer(f"sink_keys_{i}", torch.zeros(b, s + 1, n_kv, hd), persistent=False)
 
-    def caches(self):
-        return [(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")) for i in range(self.model.config.n_layers)]
+    def buffers_of(self, i: int):
+        return getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}"), getattr(self, f"sink_keys_{i}")
 
     def reset_cache(self) -> None:
-        for k, v in self.caches():
-            k.zero_()
-            v.zero_()
+        for i in range(self.model.config.n_layers):
+            for buf in self.buffers_of(i):
+                buf.zero_()
 
     def forward(self, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, slots):
-        caches = self.caches()
-        step = (self.model, self.layout, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, caches)
-        if self.write_first:
-            return cached_forward(*step, slots, keys_transposed=True)[0]
-        logits, new_kv = cached_forward(*step, keys_transposed=True)
-        for (k_cache, v_cache), (k_new, v_new) in zip(caches, new_kv):
-            k_cache.index_copy_(3, slots, k_new.transpose(2, 3))
-            v_cache.index_copy_(2, slots, v_new)
-        return logits
+        rope = (cos_win, sin_win, cos_sink, sin_sink)
+        return _layers_forward(self.model, tokens, lambda i, attn, x: chunk_attention(
+            attn, x, *rope, mask, *self.buffers_of(i), slots, self.layout.sink_size))
+
+    def decode(self, tokens, cos_win, sin_win, cos_sink, sin_sink, slots, n_keys):
+        load_fused_attention()
+        s = self.layout.sink_size
+        start_pos = n_keys[0].item() - 1
+        torch._check(start_pos >= s)
+        torch._check(start_pos < self.layout.cache_len)
+        # the sinks' rotation by d = p - c from the query's two tables: cos(a - b), sin(a - b)
+        cos_d = cos_win * cos_sink + sin_win * sin_sink
+        sin_d = sin_win * cos_sink - cos_win * sin_sink
+        sink_and_slot = torch.cat([torch.arange(s), slots])
+        return _layers_forward(self.model, tokens, lambda i, attn, x: decode_attention(
+            attn, x, cos_win, sin_win, cos_d, sin_d, *self.buffers_of(i), sink_and_slot, slots, start_pos, s))
+
+
+class ProgramMethod(nn.Module):
+    """One method of a SinkCacheProgram ("forward" or "decode") as a module to export. Both methods
+    reach the buffers under the same names (program.k_cache_0, ...), so the exported program shares
+    one cache between them."""
+
+    def __init__(self, program: SinkCacheProgram, method: str):
+        super().__init__()
+        if method == "decode":
+            load_fused_attention()
+        self.program, self.method = program, method
+
+    def forward(self, *inputs):
+        return getattr(self.program, self.method)(*inputs)
 
 
 class SinkCacheStateless(nn.Module):
@@ -137,6 +188,13 @@ class SinkCacheStateless(nn.Module):
         self.model, self.layout = model, layout
 
     def forward(self, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, past: list[torch.Tensor]):
-        caches = list(zip(past[0::2], past[1::2]))
-        logits, new_kv = cached_forward(self.model, self.layout, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, caches)
-        return (logits, *[t for kv in new_kv for t in kv])
+        new_kv = []
+
+        def attention(i, attn, x):
+            out, k_new, v_new = stateless_attention(attn, x, cos_win, sin_win, cos_sink, sin_sink, mask,
+                                                    past[2 * i], past[2 * i + 1], self.layout.sink_size)
+            new_kv.extend((k_new, v_new))
+            return out
+
+        logits = _layers_forward(self.model, tokens, attention)
+        return (logits, *new_kv)
