@@ -60,24 +60,23 @@ def stateless_attention(attn: Attention, x, cos_win, sin_win, cos_sink, sin_sink
 
 
 def chunk_attention(attn: Attention, x, cos_win, sin_win, cos_sink, sin_sink, mask, k_cache, v_cache, sink_keys,
-                    slots, sink_size: int):
+                    sink_size: int):
     """A step of P positions over a program's own buffers, k_cache and v_cache [1, L, n_kv_heads, hd]
     and sink_keys [1, S + 1, n_kv_heads, hd] (the sinks as stored, rotated at their true positions;
-    row S is a trash row). The chunk's K/V are appended for the step (mask: [P, L + P]) and written
-    into their slots after attention: a chunk's later tokens evict slots its earlier ones still see.
-    Attention reads the sinks from sink_keys, since decode (decode_attention) keeps k_cache's sink rows
-    re-rotated for its own query. Returns the output projection [1, P, dim]."""
+    row S is a trash row). The chunk's K/V are appended for the step (mask: [P, L + P]); the caller
+    writes them into their slots after the whole step, since a chunk's later tokens evict slots its
+    earlier ones still see. Attention reads the sinks from sink_keys: decode (decode_attention)
+    keeps k_cache's sink rows re-rotated for its own query. Returns (output [1, P, dim], k_new,
+    v_new [1, P, n_kv_heads, hd])."""
+    n_kv, hd = attn.n_kv_heads, attn.head_dim
     q, k, v = attn.project_qkv(x)
     k_new = apply_rope(k, cos_win, sin_win).transpose(1, 2)  # [1, P, n_kv, hd], at their true positions
     v_new = v.transpose(1, 2)
     keys = torch.cat([sink_keys[:, :sink_size], k_cache[:, sink_size:], k_new], dim=1)  # [1, L + P, n_kv, hd]
-    keys_t = keys[0].permute(1, 2, 0)  # [n_kv, hd, L + P]
-    values = torch.cat([v_cache, v_new], dim=1)[0].transpose(0, 1)  # [n_kv, L + P, hd]
+    keys_t = keys.permute(0, 2, 3, 1).reshape(n_kv, hd, -1)  # [n_kv, hd, L + P]
+    values = torch.cat([v_cache, v_new], dim=1).permute(0, 2, 1, 3).reshape(n_kv, -1, hd)  # [n_kv, L + P, hd]
     out = attend(attn, q, keys_t, values, cos_win, sin_win, cos_sink, sin_sink, mask, sink_size)
-    k_cache.index_copy_(1, slots, k_new)
-    v_cache.index_copy_(1, slots, v_new)
-    sink_keys.index_copy_(1, torch.clamp(slots, max=sink_size), k_new)  # non-sink positions land in the trash row
-    return out
+    return out, k_new, v_new
 
 
 def load_fused_attention() -> None:
@@ -147,9 +146,21 @@ class SinkCacheProgram(nn.Module):
                 buf.zero_()
 
     def forward(self, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, slots):
-        rope = (cos_win, sin_win, cos_sink, sin_sink)
-        return _layers_forward(self.model, tokens, lambda i, attn, x: chunk_attention(
-            attn, x, *rope, mask, *self.buffers_of(i), slots, self.layout.sink_size))
+        rope, new_kv = (cos_win, sin_win, cos_sink, sin_sink), []
+
+        def attention(i, attn, x):
+            out, k_new, v_new = chunk_attention(attn, x, *rope, mask, *self.buffers_of(i), self.layout.sink_size)
+            new_kv.append((k_new, v_new))
+            return out
+
+        logits = _layers_forward(self.model, tokens, attention)
+        sink_rows = torch.clamp(slots, max=self.layout.sink_size)  # non-sink positions land in the trash row
+        for i, (k_new, v_new) in enumerate(new_kv):  # after the whole step: see chunk_attention
+            k_cache, v_cache, sink_keys = self.buffers_of(i)
+            k_cache.index_copy_(1, slots, k_new)
+            v_cache.index_copy_(1, slots, v_new)
+            sink_keys.index_copy_(1, sink_rows, k_new)
+        return logits
 
     def decode(self, tokens, cos_win, sin_win, cos_sink, sin_sink, slots, n_keys):
         load_fused_attention()
