@@ -6,8 +6,13 @@ prompt / TTFT, decode tok/s over new_tokens steps, median of `runs` after a warm
 peak RSS. The .pte is made outside the repo (export_llm is not run here).
 
 Usage:
-  python bench/export_llm_peer.py PTE --tokenizer HF_FOLDER_OR_TOKENIZER_JSON
+  python bench/export_llm_peer.py PTE --tokenizer HF_FOLDER_OR_TOKENIZER_JSON [--bundle BUNDLE ...]
       [--threads 2] [--prompt-tokens 128] [--new-tokens 128] [--runs 3] [--ppl-tokens 2048] [--name export_llm_peer] [--out FILE]
+
+--bundle (repeatable): pocketlm bundles whose ExecuTorch program is timed in the same process, in
+alternating rounds with the peer (round r runs the peer, then each bundle, in an order that reverses
+every round), same prompt and token counts; their medians and ratios to the peer are reported. On
+a shared machine only such same-process, alternating comparisons are worth a ratio.
 
 --ppl-tokens N also scores the program's perplexity under pocketlm's protocol (the eval split, windows of
 512, every token but each window's first), feeding one token per call (its forward returns only the last
@@ -22,6 +27,8 @@ import time
 from pathlib import Path
 
 from _common import peak_rss_bytes, prompt_ids, rss_bytes, write_json
+
+from pocketlm.runtime.profile import file_sizes
 
 from pocketlm.runtime.tokenizer import Tokenizer
 
@@ -77,6 +84,16 @@ class ExportLlmProgram:
         return out, ttft, time.perf_counter() - t0 - ttft
 
 
+def pocketlm_generator(bundle: str, threads: int):
+    """A bundle's ExecuTorch program in this process, producing exactly the requested tokens (no stop)."""
+    from pocketlm.runtime.generate import Generator
+
+    gen = Generator(bundle, "executorch", threads)
+    gen.stop_ids = set()
+    gen.generate(gen.tokenizer.encode("Warm up the program."), max_new_tokens=8)
+    return gen
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("pte")
@@ -85,6 +102,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--bundle", action="append", default=[], help="a pocketlm bundle to time alongside (ExecuTorch)")
     ap.add_argument("--ppl-tokens", type=int, default=0)
     ap.add_argument("--name", default="export_llm_peer")
     ap.add_argument("--out", default=None)
@@ -96,12 +114,23 @@ def main() -> None:
     model = ExportLlmProgram(Path(args.pte), args.threads)
     load_s = time.perf_counter() - t0
     model.generate(prompt[:32], 8)  # warm-up
+    ours = {b: pocketlm_generator(b, args.threads) for b in args.bundle}
     ttft, prefill, decode = [], [], []
-    for _ in range(args.runs):
-        tokens, t, d = model.generate(prompt, args.new_tokens)
-        ttft.append(t)
-        prefill.append(len(prompt) / t)
-        decode.append(args.new_tokens / d)
+    ours_runs = {b: {"ttft": [], "prefill": [], "decode": []} for b in ours}
+    for r in range(args.runs):
+        order = ["peer", *ours]
+        for who in (order if r % 2 == 0 else order[::-1]):
+            if who == "peer":
+                tokens, t, d = model.generate(prompt, args.new_tokens)
+                ttft.append(t)
+                prefill.append(len(prompt) / t)
+                decode.append(args.new_tokens / d)
+            else:
+                gen = ours[who]
+                gen.reset()
+                out = gen.generate(prompt, max_new_tokens=args.new_tokens + 1)
+                for k, v in (("ttft", out.ttft_s), ("prefill", out.prefill_tok_s), ("decode", out.decode_tok_s)):
+                    ours_runs[who][k].append(v)
     row = {
         "pte": str(args.pte), "file_bytes": Path(args.pte).stat().st_size, "threads": args.threads,
         "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "runs": args.runs,
@@ -109,6 +138,7 @@ def main() -> None:
         "load_s": load_s, "ttft_ms": 1000 * statistics.median(ttft), "prefill_tok_s": statistics.median(prefill),
         "decode_tok_s": statistics.median(decode), "decode_tok_s_runs": decode,
         "peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes(),
+        "rss_note": "this process's, with the --bundle programs loaded too" if args.bundle else "this process's",
         "sample": tokenizer.decode(tokens[:32]),
     }
     if args.ppl_tokens:
@@ -119,6 +149,18 @@ def main() -> None:
 
         ids = np.asarray(tokenizer.encode(load_text(None, "eval")), np.int64)
         row["perplexity"] = ppl_protocol.perplexity(model.window_logits, ids, 512, args.ppl_tokens).to_dict()
+    row["pocketlm"] = []
+    for b, runs in ours_runs.items():
+        gen = ours[b]
+        mine = {"bundle": b, "scheme": gen.bundle.manifest["quantization"]["scheme"],
+                "weights": gen.bundle.manifest["programs"]["executorch"].get("weights"),
+                "cache": gen.bundle.manifest["cache"], "program_bytes": file_sizes(gen.bundle)["programs"]["executorch"],
+                "ttft_ms": 1000 * statistics.median(runs["ttft"]), "prefill_tok_s": statistics.median(runs["prefill"]),
+                "decode_tok_s": statistics.median(runs["decode"]), "decode_tok_s_runs": runs["decode"]}
+        mine["vs_export_llm"] = {"decode": mine["decode_tok_s"] / row["decode_tok_s"],
+                                 "prefill": mine["prefill_tok_s"] / row["prefill_tok_s"]}
+        row["pocketlm"].append(mine)
+        print("pocketlm", b, {k: mine[k] for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms")}, mine["vs_export_llm"], flush=True)
     print({k: row[k] for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "file_bytes", "peak_rss_bytes")}, flush=True)
     print("sample:", repr(row["sample"]))
     write_json(args.name, row, args.out)

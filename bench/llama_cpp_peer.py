@@ -6,13 +6,16 @@ repo, and pass the binary; this script builds nothing.
 Usage:
   python bench/llama_cpp_peer.py --llama-bench PATH/llama-bench --gguf model-Q4_0.gguf [--gguf model-Q8_0.gguf ...]
       [--bundle BUNDLE --backend onnx [--bundle BUNDLE2 --backend executorch ...]]
-      [--threads 2] [--prompt-tokens 128] [--new-tokens 128] [--runs 3] [--depth 0] [--name llama_cpp_peer] [--out FILE]
+      [--threads 2] [--prompt-tokens 128] [--new-tokens 128] [--runs 3] [--depth 0] [--rounds 1] [--name llama_cpp_peer] [--out FILE]
 
 --backend is given once for all bundles or once per bundle, in order. llama-bench times prefill (pp) and
 decode (tg) as separate tests, both from an empty context by default; --depth N runs tg after N tokens of
 context (llama-bench -d; pocketlm decodes after the prompt, so --depth 128 is the closer match).
 llama-bench reports mean and stddev over --runs (pocketlm: the median); process_peak_rss_bytes is
-llama-bench's whole process (all its tests, its default context).
+llama-bench's whole process (all its tests, its default context). --rounds N measures everything N
+times, alternating (peers then bundles, the order reversed every round), and reports each one's
+median over the rounds with the ratios taken from those medians: on a shared machine minutes apart
+can differ by 20%.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 from pathlib import Path
@@ -74,6 +78,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--depth", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--name", default="llama_cpp_peer")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -83,26 +88,41 @@ def main() -> None:
     if len(backends) != len(args.bundle):
         ap.error("give --backend once, or once per --bundle")
 
-    peers = []
-    for gguf in args.gguf:
-        peers.append(run_llama_bench(args.llama_bench, gguf, args.threads, args.prompt_tokens, args.new_tokens, args.runs, args.depth))
-        print(Path(gguf).name, {k: peers[-1][k] for k in ("prefill_tok_s", "decode_tok_s", "file_bytes")}, flush=True)
+    jobs = [("gguf", g, None) for g in args.gguf] + [("bundle", b, be) for b, be in zip(args.bundle, backends)]
+    samples = {i: [] for i in range(len(jobs))}
+    for r in range(args.rounds):
+        for i in (range(len(jobs)) if r % 2 == 0 else reversed(range(len(jobs)))):
+            kind, path, backend = jobs[i]
+            if kind == "gguf":
+                point = run_llama_bench(args.llama_bench, path, args.threads, args.prompt_tokens, args.new_tokens, args.runs, args.depth)
+            else:
+                point = measure_in_subprocess(path, backend, args.threads, prompt_tokens=args.prompt_tokens,
+                                              new_tokens=args.new_tokens, runs=args.runs)
+            samples[i].append(point)
+            print(f"round {r + 1}", Path(path).name, backend or "", {k: round(point[k], 1) for k in ("prefill_tok_s", "decode_tok_s")}, flush=True)
 
+    def summary(points: list[dict]) -> dict:
+        return {**points[-1], "prefill_tok_s": statistics.median(p["prefill_tok_s"] for p in points),
+                "decode_tok_s": statistics.median(p["decode_tok_s"] for p in points),
+                "decode_tok_s_rounds": [p["decode_tok_s"] for p in points], "prefill_tok_s_rounds": [p["prefill_tok_s"] for p in points]}
+
+    peers = [summary(samples[i]) for i, (kind, _, _) in enumerate(jobs) if kind == "gguf"]
     ours = []
-    for path, backend in zip(args.bundle, backends):
+    for i, (kind, path, backend) in enumerate(jobs):
+        if kind != "bundle":
+            continue
         bundle = Bundle.open(path)
-        point = measure_in_subprocess(bundle.root, backend, args.threads, prompt_tokens=args.prompt_tokens,
-                                      new_tokens=args.new_tokens, runs=args.runs)
         row = {"bundle": str(bundle.root), "scheme": bundle.manifest["quantization"]["scheme"],
-               "program_bytes": file_sizes(bundle)["programs"][backend], **point}
+               "weights": bundle.manifest["programs"][backend].get("weights"), "cache": bundle.manifest["cache"],
+               "program_bytes": file_sizes(bundle)["programs"][backend], **summary(samples[i])}
         row["vs_llama_cpp"] = {Path(p["gguf"]).name: {"decode": row["decode_tok_s"] / p["decode_tok_s"],
                                                      "prefill": row["prefill_tok_s"] / p["prefill_tok_s"],
                                                      "size": row["program_bytes"] / p["file_bytes"]} for p in peers}
         ours.append(row)
-        print(row["scheme"], backend, {k: row[k] for k in ("prefill_tok_s", "decode_tok_s", "program_bytes")}, row["vs_llama_cpp"], flush=True)
+        print(row["scheme"], backend, {k: round(row[k], 1) for k in ("prefill_tok_s", "decode_tok_s")}, row["vs_llama_cpp"], flush=True)
 
     write_json(args.name, {"threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                           "runs": args.runs, "depth": args.depth, "llama_cpp": peers, "pocketlm": ours}, args.out)
+                           "runs": args.runs, "depth": args.depth, "rounds": args.rounds, "llama_cpp": peers, "pocketlm": ours}, args.out)
 
 
 if __name__ == "__main__":
