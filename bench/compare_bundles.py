@@ -1,10 +1,12 @@
 """Decode/prefill speed, peak RSS and program size of several bundles, same run, same threads;
-ratios against the first bundle (the baseline, e.g. the float32 export).
-Usage: python bench/compare_bundles.py BASELINE_BUNDLE OTHER_BUNDLE... [--backend onnx] [--threads 2] [--out FILE]"""
+ratios against the first bundle (the baseline, e.g. the float32 export). --rounds N measures every
+bundle N times, alternating (the order reversed every round), and reports medians over the rounds.
+Usage: python bench/compare_bundles.py BASELINE_BUNDLE OTHER_BUNDLE... [--backend onnx] [--threads 2] [--rounds 1] [--out FILE]"""
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 from _common import write_json
 
@@ -20,14 +22,20 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--name", default="compare_bundles")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    samples = {path: [] for path in args.bundles}
+    for r in range(args.rounds):
+        for path in (args.bundles if r % 2 == 0 else args.bundles[::-1]):
+            samples[path].append(measure_in_subprocess(path, args.backend, args.threads, prompt_tokens=args.prompt_tokens,
+                                                       new_tokens=args.new_tokens, runs=args.runs))
     rows = []
     for path in args.bundles:
-        bundle = Bundle.open(path)
-        point = measure_in_subprocess(bundle.root, args.backend, args.threads, prompt_tokens=args.prompt_tokens,
-                                      new_tokens=args.new_tokens, runs=args.runs)
+        bundle, points = Bundle.open(path), samples[path]
+        point = {**points[-1], **{k: statistics.median(p[k] for p in points) for k in ("decode_tok_s", "prefill_tok_s", "ttft_ms")},
+                 "peak_rss_bytes": max(p["peak_rss_bytes"] for p in points), "decode_tok_s_rounds": [p["decode_tok_s"] for p in points]}
         program = bundle.manifest["programs"][args.backend]
         rows.append({"bundle": str(bundle.root), "scheme": bundle.manifest["quantization"]["scheme"],
                      "program": {k: program[k] for k in ("weights", "activations") if k in program},
@@ -37,7 +45,7 @@ def main() -> None:
     for r in rows:
         r["vs_baseline"] = {"decode": r["decode_tok_s"] / base["decode_tok_s"], "prefill": r["prefill_tok_s"] / base["prefill_tok_s"],
                             "size": r["program_bytes"] / base["program_bytes"], "peak_rss": r["peak_rss_bytes"] / base["peak_rss_bytes"]}
-    write_json(args.name, {"backend": args.backend, "threads": args.threads, "bundles": rows}, args.out)
+    write_json(args.name, {"backend": args.backend, "threads": args.threads, "rounds": args.rounds, "bundles": rows}, args.out)
 
 
 if __name__ == "__main__":
