@@ -1,4 +1,5 @@
-"""Quantization on the real default model: RTN's damage is measurable, AWQ repairs part of it."""
+"""Quantization on the real default model: RTN's damage is measurable, AWQ repairs part of it, and
+the int4 program stores the tied table once, as int8 codes."""
 
 from __future__ import annotations
 
@@ -34,3 +35,20 @@ def test_awq_closes_part_of_rtns_int4_gap_on_the_default_model(real, fp32_ppl, t
 def test_int8_weights_are_nearly_lossless_on_the_default_model(real, fp32_ppl, tmp_path):
     w8 = _ppl(quantize_source(real.source, tmp_path / "w8", scheme="w8-rtn"))
     assert abs(w8 / fp32_ppl - 1) < 0.02, (fp32_ppl, w8)
+
+
+def test_the_int4_onnx_program_keeps_one_int8_table_for_the_tied_head_and_lookup_on_the_default_model(real, tmp_path):
+    """w4-rtn g64 with the int8 head: 120 int4 MatMulNBits (about 50 MB), the head's 28 MB of int8
+    codes also read by the embedding lookup; a float32 copy of the table alone would be 113 MB."""
+    from pocketlm.runtime.bundle import Bundle
+    from pocketlm.runtime.profile import file_sizes
+    from pocketlm.runtime.validate import validate_backend
+    from pocketlm.toolchain.export import export_bundle
+
+    folder = quantize_source(real.source, tmp_path / "w4", scheme="w4-rtn", group_size=64, head="int8")
+    bundle = Bundle.open(export_bundle(folder, tmp_path / "bundle", ("onnx",), sink_size=4, window_size=508, chunk=32))
+    assert bundle.manifest["programs"]["onnx"]["weights"].endswith("embedding int8 (the LM head's codes, GatherBlockQuantized)")
+    size = file_sizes(bundle)["programs"]["onnx"]
+    assert size < 100e6, size
+    report = validate_backend(bundle, "onnx")
+    assert report["passed"], report["checks"]

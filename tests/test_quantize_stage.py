@@ -131,9 +131,51 @@ def test_an_int8_head_runs_as_8bit_kernels_next_to_the_int4_linears(tiny_tokeniz
     q = quantize_source(src, tmp_path / "q", scheme="w4-rtn", group_size=32, head="int8")
     bundle = Bundle.open(export_bundle(q, tmp_path / "bundle", ("onnx", "executorch"), sink_size=4, window_size=12, chunk=5))
     programs = bundle.manifest["programs"]
-    assert programs["onnx"]["weights"] == "int4 MatMulNBits, group 32, 14 matmuls + int8 per channel MatMulNBits, 1 matmul"
-    assert programs["executorch"]["weights"] == "int4 XNNPACK 8da4w, group 32, 14 linears + int8 per channel, XNNPACK 8da8w, 1 linear"
+    assert programs["onnx"]["weights"] == ("int4 MatMulNBits, group 32, 14 matmuls + int8 per channel MatMulNBits, 1 matmul; "
+                                           "embedding int8 (the LM head's codes, GatherBlockQuantized)")
+    assert programs["executorch"]["weights"] == ("int4 XNNPACK 8da4w, group 32, 14 linears + int8 per channel, XNNPACK 8da8w, "
+                                                 "1 linear; embedding int8 (embedding_byte)")
     nodes = onnx.load(str(bundle.root / "model.onnx"), load_external_data=False).graph.node
     assert sorted(a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits") == [4] * 14 + [8]
+    _assert_the_lookup_reads_the_heads_codes(bundle, bits=8)
+    report = validate_bundle(bundle.root)
+    assert report["passed"], report
+
+
+def _assert_the_lookup_reads_the_heads_codes(bundle, bits: int):
+    """The tied embedding is one packed table: the head's MatMulNBits and the lookup's
+    GatherBlockQuantized read the same initializer, and no float copy of the table is left."""
+    import onnx
+
+    from conftest import TINY_VOCAB
+
+    graph = onnx.load(str(bundle.root / "model.onnx"), load_external_data=False).graph
+    attr = lambda node, name: next(a.i for a in node.attribute if a.name == name)  # noqa: E731
+    heads = [n for n in graph.node if n.op_type == "MatMulNBits" and attr(n, "N") == TINY_VOCAB]
+    lookups = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(heads) == 1 and attr(heads[0], "bits") == bits
+    assert [n.input[0] for n in lookups] == [heads[0].input[1]] and attr(lookups[0], "bits") == bits
+    assert not [n for n in graph.node if n.op_type == "Gather" and n.input[0] in {i.name for i in graph.initializer}
+                and onnx.TensorProto.FLOAT == next(i.data_type for i in graph.initializer if i.name == n.input[0])]
+
+
+def test_an_int4_head_leaves_one_int4_table_for_the_head_and_the_lookup(tiny_tokenizer_dir, tmp_path):
+    import shutil
+
+    from conftest import tiny_hf_model
+
+    from pocketlm.runtime.bundle import Bundle
+    from pocketlm.runtime.validate import validate_bundle
+    from pocketlm.toolchain.export import export_bundle
+
+    src = tmp_path / "tiny64"
+    tiny_hf_model(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=2).save_pretrained(src)
+    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", src / "tokenizer.json")
+    q = quantize_source(src, tmp_path / "q", scheme="w4-rtn", group_size=32, head="same")
+    bundle = Bundle.open(export_bundle(q, tmp_path / "bundle", ("onnx", "executorch"), sink_size=4, window_size=12, chunk=5))
+    assert bundle.manifest["programs"]["executorch"]["weights"] == "int4 XNNPACK 8da4w, group 32, 15 linears; embedding int4 (embedding_4bit)"
+    assert bundle.manifest["programs"]["onnx"]["weights"] == ("int4 MatMulNBits, group 32, 15 matmuls; "
+                                                              "embedding int4 (the LM head's codes, GatherBlockQuantized)")
+    _assert_the_lookup_reads_the_heads_codes(bundle, bits=4)
     report = validate_bundle(bundle.root)
     assert report["passed"], report

@@ -38,6 +38,25 @@ def load_fused_attention_kernels() -> None:
     torch.ops.load_library(str(libs[0]))
 
 
+def load_quantized_embedding_kernels() -> None:
+    """ExecuTorch's quantized kernels (quantized_decomposed::embedding_byte / embedding_4bit, the
+    lookup of an int8 or int4 embedding table): a library inside the executorch package, registered
+    with the runtime when loaded."""
+    import importlib.util
+
+    import torch
+    from executorch.extension.pybindings import portable_lib
+
+    if "quantized_decomposed::embedding_byte.out" in portable_lib._get_operator_names():
+        return
+    spec = importlib.util.find_spec("executorch.kernels.quantized")
+    libs = sorted(Path(spec.submodule_search_locations[0]).glob("libquantized_ops_aot_lib.*")) if spec else []
+    if not libs:
+        raise PocketLMError("this ExecuTorch install has no quantized kernels library (libquantized_ops_aot_lib); "
+                            "install the executorch wheel pocketlm pins")
+    torch.ops.load_library(str(libs[0]))
+
+
 class ExecuTorchBackend:
     name = "executorch"
 
@@ -56,6 +75,7 @@ class ExecuTorchBackend:
             raise PocketLMError(f"'{self.path}' has a decode method of form {form!r}; this runtime runs {FUSED_DECODE!r}: "
                                 "re-export the bundle")
         load_fused_attention_kernels()
+        load_quantized_embedding_kernels()
         et_program = Runtime.get().load_program(self.path, verification=Verification.Minimal)
         # both methods come from one Program, so they share its memory-planned cache buffers
         self.methods = {1: et_program.load_method("decode")}

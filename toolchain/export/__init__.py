@@ -158,17 +158,19 @@ def _export_one(backend: str, model: Transformer, layout: CacheLayout, path: Pat
         level = 0 if onnx_int4 == "float" else 4
         n = to_matmul_nbits(path, int4_group, level)
         int8 = f" + int8 per channel MatMulNBits, {n[8]} matmul{'s' * (n[8] != 1)}" if n[8] else ""
-        return {"weights": f"int4 MatMulNBits, group {int4_group}, {n[4]} matmuls{int8}",
+        lookup = f"; embedding int{n['embedding']} (the LM head's codes, GatherBlockQuantized)" if n["embedding"] else ""
+        return {"weights": f"int4 MatMulNBits, group {int4_group}, {n[4]} matmuls{int8}{lookup}",
                 "activations": "int8 (dynamic, inside MatMulNBits)" if level else "float32",
                 "parity_thresholds": INT8_ACTIVATION_PARITY if level else {}}
     from .executorch_export import DECODE_FORM, export_executorch
 
     n = export_executorch(model, layout, path, stop_ids, int4_group, int8=integer is not None)
-    if not any(n.values()):
+    if not (n[4] or n[8]):
         return {"decode": DECODE_FORM}
     kinds = [f"int4 XNNPACK 8da4w, group {int4_group}, {n[4]} linears"] if n[4] else []
     kinds += [f"int8 per channel, XNNPACK 8da8w, {n[8]} linear{'s' * (n[8] != 1)}"] if n[8] else []
-    return {"weights": " + ".join(kinds), "activations": "int8 (dynamic, per token)", "parity_thresholds": INT8_ACTIVATION_PARITY,
+    lookup = f"; embedding int{n['embedding']} ({'embedding_4bit' if n['embedding'] == 4 else 'embedding_byte'})" if n["embedding"] else ""
+    return {"weights": " + ".join(kinds) + lookup, "activations": "int8 (dynamic, per token)", "parity_thresholds": INT8_ACTIVATION_PARITY,
             "decode": DECODE_FORM}
 
 

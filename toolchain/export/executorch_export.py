@@ -46,21 +46,23 @@ def example_inputs(model: Transformer, layout: CacheLayout, method: str):
 def export_executorch(model: Transformer, layout: CacheLayout, path: Path, stop_ids: tuple[int, ...] = (),
                       int4_group: int | None = None, int8: bool = False) -> dict[int, int]:
     """Write model.pte at path; with int4_group, on-grid linears run as XNNPACK 8da4w, with int8 as
-    8da8w (int8 per-channel weights; an int4 model's int8 LM head is 8da8w too). Returns how many
-    linears were quantized, by weight bits."""
+    8da8w (int8 per-channel weights; an int4 model's int8 LM head is 8da8w too), and an on-grid
+    embedding table is looked up from its codes. Returns how many linears were quantized, by weight
+    bits, and the embedding's bits ("embedding": None when it stays float)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
     program = SinkCacheProgram(model, layout).eval()
-    converted = {4: 0, 8: 0}
+    converted = {4: 0, 8: 0, "embedding": None}
     if int4_group or int8:
         import copy
 
-        from .executorch_quant import to_8da4w_, to_8da8w_
+        from .executorch_quant import quantize_embedding_, to_8da4w_, to_8da8w_
 
         program = copy.deepcopy(program)  # the caller's float model stays as it is (golden outputs use it)
         converted = to_8da4w_(program, int4_group) if int4_group else {4: 0, 8: to_8da8w_(program)}
+        converted["embedding"] = quantize_embedding_(program.model, int4_group)
     constants = {
         "get_cache_len": layout.cache_len,
         "get_sink_size": layout.sink_size,

@@ -1,6 +1,7 @@
 """ExecuTorch's quantized linears: XNNPACK 8-bit dynamic activations with 4-bit grouped weights
 (8da4w, the fast int4 path) or 8-bit per-channel weights (8da8w: an int4 model's int8 LM head, and
-the closest integer path XNNPACK runs for an integer-only w8a8 model).
+the closest integer path XNNPACK runs for an integer-only w8a8 model), and an on-grid embedding
+table's lookup through ExecuTorch's quantized embedding kernels.
 
 torchao's config builds the quantized linears XNNPACK lowers; their codes and scales are then
 replaced with the ones the quantize stage chose (recovered exactly from the on-grid float weights,
@@ -10,6 +11,7 @@ whose weight is not on the grid (the float LM head, say) stays float.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pocketlm.runtime.errors import PocketLMError
@@ -69,3 +71,43 @@ def to_8da8w_(module: torch.nn.Module, skip=()) -> int:
     found = _on_grid(module, int8_channel_codes, skip)
     config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
     return _quantize_linears_(module, found, config)
+
+
+class QuantizedEmbedding(torch.nn.Module):
+    """An on-grid embedding table looked up through ExecuTorch's quantized embedding kernels
+    (quantized_decomposed::embedding_byte, embedding_4bit): the stage's codes are stored and each
+    looked-up row is dequantized, so the values are the float table's and the program carries no
+    float copy of it (SmolLM2's tied table: 113 MB in float32, 28 MB as int8 rows, 14 MB as int4)."""
+
+    def __init__(self, codes: np.ndarray, scales: np.ndarray, bits: int):
+        super().__init__()
+        import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (defines the ops)
+
+        self.bits = bits
+        if bits == 4:  # ExecuTorch's layout: two codes + 8 per byte, the even column in the high nibble
+            u = (codes.astype(np.int16) + 8).astype(np.uint8)
+            codes = (u[:, 0::2] << 4) | u[:, 1::2]
+        self.register_buffer("codes", torch.from_numpy(np.ascontiguousarray(codes)))
+        self.register_buffer("scales", torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32)))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.bits == 4:
+            return torch.ops.quantized_decomposed.embedding_4bit.default(self.codes, self.scales, None, -8, 7, tokens)
+        return torch.ops.quantized_decomposed.embedding_byte.default(self.codes, self.scales, None, -128, 127, tokens)
+
+
+def quantize_embedding_(model: torch.nn.Module, group_size: int | None) -> int | None:
+    """Replace, in place, `model.model.embed_tokens` by its quantized lookup when its table lies on the
+    int4 grid of `group_size` (a tied int4 head) or on an int8 per-row grid (a tied int8 head, or
+    w8a8-int's own int8 table). Returns the bits, or None when the table is float."""
+    w = model.model.embed_tokens.weight.detach().numpy()
+    found = grid_codes(w, group_size) if group_size else None
+    if found is not None:
+        codes, scales = found
+        model.model.embed_tokens = QuantizedEmbedding(codes.reshape(w.shape), scales, 4)
+        return 4
+    found = int8_channel_codes(w)
+    if found is None:
+        return None
+    model.model.embed_tokens = QuantizedEmbedding(*found, 8)
+    return 8

@@ -1,6 +1,7 @@
 """ONNX Runtime's fast quantized path: each MatMul whose constant weight lies on the recorded int4 grid
 becomes a com.microsoft MatMulNBits with the packed codes and per-group scales, and one on an int8
-per-channel grid (the LM head with `--head int8`) an 8-bit MatMulNBits.
+per-channel grid (the LM head with `--head int8`) an 8-bit MatMulNBits. A tied embedding's lookup
+then reads the head's packed codes too (GatherBlockQuantized), so no float copy of the table stays.
 
 The quantize stage stores dequantized weights (scale * q, symmetric, |q| <= qmax); the largest |w| of
 a quantized group is therefore exactly qmax * scale, so the codes and scales are recovered exactly
@@ -66,9 +67,37 @@ def pack_uint4(codes: np.ndarray) -> np.ndarray:
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
 
 
+def _lookups_from_packed(nodes: list, packed_of: dict, initializers) -> tuple[list, int | None]:
+    """A tied embedding's Gather reads the head's packed codes (com.microsoft GatherBlockQuantized,
+    rows dequantized on lookup) instead of keeping the float table: the same values, one table."""
+    from onnx import helper, numpy_helper
+
+    out, bits_of_lookup = [], None
+    for node in nodes:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type != "Gather" or node.input[0] not in packed_of or axis != 0:
+            out.append(node)
+            continue
+        data, scales, bits, block, n, k = packed_of[node.input[0]]
+        name, ids, y = node.name or f"{data}_lookup", node.input[1], node.output[0]
+        if f"{scales}_rows" not in {i.name for i in initializers}:
+            initializers.extend([numpy_helper.from_array(np.array([n, k // block, 1], np.int64), f"{scales}_rows"),
+                                 numpy_helper.from_array(np.array([k], np.int64), f"{data}_width")])
+        out += [
+            helper.make_node("Reshape", [scales, f"{scales}_rows"], [f"{name}_scales"], name=f"{name}_scales"),
+            helper.make_node("GatherBlockQuantized", [data, ids, f"{name}_scales"], [f"{name}_blocks"], name=name,
+                             domain=MS_DOMAIN, bits=bits, block_size=block, gather_axis=0, quantize_axis=2),
+            helper.make_node("Shape", [ids], [f"{name}_ids_shape"], name=f"{name}_ids_shape"),
+            helper.make_node("Concat", [f"{name}_ids_shape", f"{data}_width"], [f"{name}_shape"], name=f"{name}_shape", axis=0),
+            helper.make_node("Reshape", [f"{name}_blocks", f"{name}_shape"], [y], name=f"{name}_rows"),
+        ]
+        bits_of_lookup = bits
+    return out, bits_of_lookup
+
+
 def to_matmul_nbits(path: Path, group_size: int, accuracy_level: int = 0) -> dict[int, int]:
     """Rewrite the ONNX model at `path` in place (its external data file is rewritten too).
-    Returns how many MatMuls were converted, by bit width. accuracy_level: ORT's compute type for the
+    Returns how many MatMuls were converted, by bit width, and the tied lookup's bits ("embedding"). accuracy_level: ORT's compute type for the
     activation side (0: as the input, float32; 4: int8, the fastest on CPUs with int8 dot products)."""
     import onnx
     from onnx import helper, numpy_helper
@@ -80,7 +109,7 @@ def to_matmul_nbits(path: Path, group_size: int, accuracy_level: int = 0) -> dic
     # a tied LM head reads the embedding matrix through a Transpose: its weight is that matrix, transposed
     transposed = {n.output[0]: n.input[0] for n in model.graph.node
                   if n.op_type == "Transpose" and n.input[0] in inits and [a.ints for a in n.attribute if a.name == "perm"] == [[1, 0]]}
-    new_nodes, converted, drop = [], {4: 0, 8: 0}, set()
+    new_nodes, converted, drop, packed_of = [], {4: 0, 8: 0}, set(), {}
     for node in model.graph.node:
         b_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
         found = None
@@ -99,10 +128,12 @@ def to_matmul_nbits(path: Path, group_size: int, accuracy_level: int = 0) -> dic
         scale_t = numpy_helper.from_array(scales.reshape(-1).astype(np.float32), f"{base}_scales")
         model.graph.initializer.extend([packed, scale_t])
         drop.add(base)
+        packed_of[base] = (packed.name, scale_t.name, bits, block, n, k)
         new_nodes.append(helper.make_node(
             "MatMulNBits", [node.input[0], packed.name, scale_t.name], list(node.output), name=f"{node.name}_q{bits}",
             domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level))
         converted[bits] += 1
+    new_nodes, converted["embedding"] = _lookups_from_packed(new_nodes, packed_of, model.graph.initializer)
     used = {i for nd in new_nodes for i in nd.input}
     new_nodes = [nd for nd in new_nodes if not (nd.op_type == "Transpose" and nd.output[0] in transposed and nd.output[0] not in used)]
     if not converted[4]:
