@@ -3,8 +3,8 @@ program reproduces the numpy integer reference bit for bit on the golden prompts
 stays within 2% of the float32 model's under the same protocol (ctx 512, 2,048 tokens of the eval
 text); ExecuTorch's XNNPACK int8 program of the same weights passes the parity harness. The W4A8
 integer program (int4 groups of 64) is bit-exact too, within 2% of its own weights' float model, and
-its file is under three quarters of the W8A8 program's (measured 0.72: the 120 linears' weights
-halve, while the int8 embedding and the int8 LM head, 56 MB together, untied by the rotation, do not)."""
+its file is under 0.6 of the W8A8 program's (the 120 linears' weights halve, and the tied embedding
+and LM head stay one 28 MB int8 table, where W8A8's rotation unties them into two)."""
 
 from __future__ import annotations
 
@@ -57,4 +57,4 @@ def test_w4a8_integer_program_is_bit_exact_and_close_to_its_float_weights_on_the
     assert report["parity"]["max_logits_abs"] == 0.0 and report["parity"]["identical_greedy_prefix"] == [32, 32]
     assert abs(report["perplexity"]["delta_pct"]) < 2.0
     size, w8a8_size = file_sizes(bundle)["programs"]["onnx"], file_sizes(w8a8_bundle)["programs"]["onnx"]
-    assert size < 0.75 * w8a8_size, (size, w8a8_size)
+    assert size < 0.6 * w8a8_size, (size, w8a8_size)

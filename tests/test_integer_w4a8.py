@@ -1,7 +1,8 @@
 """Integer-only W4A8 (scheme w4a8-int) on a tiny model: int4 group-wise weights inside the integer
 program (each group's int32 accumulator weighted by its Q15 scale share), the ONNX program against
 the numpy integer reference bit for bit while the ring wraps, the weights stored packed as INT4,
-and ExecuTorch's XNNPACK 8da4w program of the same weights."""
+ExecuTorch's XNNPACK 8da4w program of the same weights, and one int8 table for the tied LM head and
+the embedding lookup."""
 
 from __future__ import annotations
 
@@ -68,15 +69,16 @@ def test_grouped_int4_linear_computes_the_dequantized_product():
     assert np.abs(y - expected).max() < s_out + 1e-4 * np.abs(expected).max()
 
 
-def test_quantize_records_int4_groups_awq_after_the_rotation_and_int8_head(w4a8):
+def test_quantize_records_int4_groups_awq_and_one_int8_table_for_the_tied_head_and_embedding(w4a8):
     folder, _ = w4a8
     q = json.loads((folder / "pocketlm_model.json").read_text())["quantization"]
     assert q["scheme"] == "w4a8-int" and q["weights"] == {"bits": 4, "group_size": GROUP, "symmetric": True}
-    assert q["head"] == "int8" and q["layers"]["lm_head"]["bits"] == 8 and q["layers"]["model.embed_tokens"]["bits"] == 8
+    assert q["head"] == "int8" and q["layers"]["lm_head"]["bits"] == 8
+    assert q["layers"]["model.embed_tokens"] == {"bits": 8, "group_size": None, "symmetric": True, "tied_to": "lm_head"}
     assert q["layers"]["model.layers.0.mlp.down_proj"]["bits"] == 4 and "awq" in q["layers"]["model.layers.0.mlp.down_proj"]
-    awq = json.loads((folder / "awq.json").read_text())
-    assert awq["info"]["rotation"]["seed"] == 0
-    assert json.loads((folder / q["smoothquant"]).read_text())["rotation"]["dim"] == SHAPE["hidden_size"]
+    assert "rotation" not in json.loads((folder / "awq.json").read_text())["info"] and "smoothquant" not in q
+    model, _ = load_model(folder)
+    assert model.config.tie_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
 
 
 def test_w4a8_onnx_program_equals_the_numpy_reference_bit_for_bit_while_the_ring_wraps(w4a8):
@@ -97,6 +99,8 @@ def test_w4a8_weights_are_stored_packed_as_int4_and_nothing_is_float(w4a8):
     g = model.graph
     int4 = [i for i in g.initializer if i.data_type == onnx.TensorProto.INT4]
     assert len(int4) == 8
+    int8 = [i for i in g.initializer if i.data_type == onnx.TensorProto.INT8 and TINY_VOCAB in i.dims]
+    assert [list(i.dims) for i in int8] == [[SHAPE["hidden_size"], TINY_VOCAB]]  # the head's table, gathered for the lookup too
     for init in int4:  # two codes per byte
         assert len(init.raw_data) == (np.prod(init.dims) + 1) // 2
     allowed = {onnx.TensorProto.INT4, onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
@@ -110,20 +114,28 @@ def test_w4a8_bundle_validates_exactly_on_onnx_and_closely_on_executorch_8da4w(w
     bundle = Bundle.open(w4a8[1])
     onnx_program, et_program = bundle.manifest["programs"]["onnx"], bundle.manifest["programs"]["executorch"]
     assert onnx_program["arithmetic"] == "integer-only"
-    assert onnx_program["weights"] == f"int4 groups of {GROUP} in 8 matmuls, int8 per output channel in 1 matmul; embedding int8 per row"
+    assert onnx_program["weights"] == f"int4 groups of {GROUP} in 8 matmuls, int8 per output channel in 1 matmul; embedding int8 per row (the LM head table, shared)"
     assert et_program["weights"].startswith(f"int4 XNNPACK 8da4w, group {GROUP}, 14 linears + int8 per channel, XNNPACK 8da8w, 1 linear")
     report = validate_bundle(bundle.root)
     assert report["passed"], report
     assert report["backends"]["onnx"]["parity"]["max_logits_abs"] == 0.0
 
 
-def test_an_awq_result_is_re_applied_only_to_the_model_it_was_searched_on(w4a8, tiny_tokenizer_dir, tmp_path):
+def test_an_awq_result_is_re_applied_to_the_unrotated_model_it_was_searched_on(w4a8, tmp_path):
+    """w4a8-int searches AWQ on the float model as w4-awq does, so either's awq.json fits the other;
+    a search from the rotated w4a8-int of earlier versions is refused."""
     folder, _ = w4a8
     src = folder.parent / "src"
     again = quantize_source(src, tmp_path / "again", scheme="w4a8-int", group_size=GROUP, calib_seqs=2,
                             awq_results=folder / "awq.json")
     first, second = load_model(folder)[0].state_dict(), load_model(again)[0].state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
-    with pytest.raises(PocketLMError, match=r"searched on a rotated model \(w4a8-int\); its scales do not fit 'w4-awq'"):
-        quantize_source(src, tmp_path / "x", scheme="w4-awq", group_size=GROUP, awq_results=folder / "awq.json")
+    w4 = quantize_source(src, tmp_path / "w4", scheme="w4-awq", group_size=GROUP, head="int8", awq_results=folder / "awq.json")
+    w4_state = load_model(w4)[0].state_dict()
+    assert all(torch.equal(first[k], w4_state[k]) for k in first)
+    rotated = json.loads((folder / "awq.json").read_text())
+    rotated["info"]["rotation"] = {"method": "random orthogonal residual rotation, norm gains folded", "seed": 0}
+    (tmp_path / "rotated.json").write_text(json.dumps(rotated))
+    with pytest.raises(PocketLMError, match=r"searched on a rotated model \(an earlier w4a8-int\); its scales do not fit 'w4a8-int'"):
+        quantize_source(src, tmp_path / "x", scheme="w4a8-int", group_size=GROUP, awq_results=tmp_path / "rotated.json")
     assert not (tmp_path / "x").exists()

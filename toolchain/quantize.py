@@ -34,7 +34,7 @@ class Scheme:
     per_channel: bool  # else group-wise
     awq: bool
     description: str
-    integer: bool = False  # an integer-only program: rotated, calibrated activation ranges, int8 head
+    integer: bool = False  # an integer-only program: calibrated activation ranges, int8 head
 
 
 SCHEMES = {
@@ -45,8 +45,8 @@ SCHEMES = {
     "w8a8-int": Scheme("w8a8-int", 8, True, False, "integer-only: int8 weights per channel (SmoothQuant-searched), int8 "
                        "activations per token, int32 accumulators, fixed-point requantization, integer nonlinearities",
                        integer=True),
-    "w4a8-int": Scheme("w4a8-int", 4, False, True, "integer-only: int4 weights group-wise (AWQ-searched after the rotation), "
-                       "int8 LM head and embedding, int8 activations per token, int32 accumulators, fixed-point "
+    "w4a8-int": Scheme("w4a8-int", 4, False, True, "integer-only: int4 weights group-wise (AWQ), "
+                       "int8 LM head and embedding (one table when tied), int8 activations per token, int32 accumulators, fixed-point "
                        "requantization, integer nonlinearities", integer=True),
 }
 INTEGER_SCHEMES = tuple(name for name, s in SCHEMES.items() if s.integer)
@@ -116,11 +116,10 @@ def quantize_source(
             if awq.spec != spec:
                 raise PocketLMError(f"'{awq_results}' was searched for {awq.spec.describe()}, not {spec.describe()}; "
                                     "search again or pass the matching --group-size")
-            if ("rotation" in awq.info) != sch.integer:
-                searched = "a rotated model (w4a8-int)" if "rotation" in awq.info else "an unrotated model (w4-awq)"
-                raise PocketLMError(f"'{awq_results}' was searched on {searched}; its scales do not fit '{scheme}': "
-                                    "search again without --awq-results")
-        elif not sch.integer:  # an integer scheme searches after its rotation, below
+            if "rotation" in awq.info:
+                raise PocketLMError(f"'{awq_results}' was searched on a rotated model (an earlier w4a8-int); its scales "
+                                    f"do not fit '{scheme}': search again without --awq-results")
+        else:
             tokens = calibration_tokens(src.path, calib, n_seqs=calib_seqs)
             print(f"AWQ search: {spec.describe()}, {tokens.numel()} calibration tokens, {model.config.n_layers} layers", flush=True)
             with torch.no_grad():
@@ -149,11 +148,11 @@ def quantize_source(
             if scheme == "w8a8-int":
                 print(f"w8a8-int: SmoothQuant search and activation ranges on {tokens.numel()} calibration tokens", flush=True)
                 decisions, record, ranges = prepare_w8a8_(model, batches)
+                files[SMOOTHQUANT_FILE] = json.dumps(record, separators=(",", ":"))
             else:
-                print(f"w4a8-int: rotation, AWQ {'re-applied' if awq else 'search'} ({spec.describe()}) and activation "
-                      f"ranges on {tokens.numel()} calibration tokens", flush=True)
-                decisions, record, ranges, awq = prepare_w4a8_(model, batches, spec, awq, awq_config)
-            files = {SMOOTHQUANT_FILE: json.dumps(record, separators=(",", ":")), RANGES_FILE: json.dumps(ranges, indent=1)}
+                print(f"w4a8-int: activation ranges on {tokens.numel()} calibration tokens", flush=True)
+                decisions, ranges = prepare_w4a8_(model, batches, spec, awq)
+            files[RANGES_FILE] = json.dumps(ranges, indent=1)
             head = "int8"
         elif scheme == "w2-ternary":
             from .quant.qat import ternarize_
@@ -174,7 +173,7 @@ def quantize_source(
                     "activations": "int8 per token (dynamic), integer-only program" if sch.integer else "float32",
                     "storage": "dequantized float32 weights on the quantization grid", "layers": decisions}
     if sch.integer:
-        quantization.update(smoothquant=SMOOTHQUANT_FILE, activation_ranges=RANGES_FILE)
+        quantization.update(activation_ranges=RANGES_FILE, **({"smoothquant": SMOOTHQUANT_FILE} if SMOOTHQUANT_FILE in files else {}))
     if awq:
         files[AWQ_FILE] = awq.to_json()
     if qat:

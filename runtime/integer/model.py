@@ -1,7 +1,8 @@
 """The integer-only decoder step over the sink-window KV cache: its parameters and its computation.
 
 What flows where (every tensor is an integer; scales are constants folded into multipliers):
-  token ids -> int8 embedding row x per-row multiplier -> residual stream, int32 at one scale
+  token ids -> int8 embedding row (tied: the LM head's column) x per-row multiplier -> residual
+             stream, int32 at one scale
   per layer: RMSNorm (integer) -> int8 per token -> q|k|v = int8 x int8 -> int32, requantized
              (w4a8-int: int4 weight groups, one int32 per group, weighted by its Q15 scale share)
              RoPE on q and k (Q14 tables from the host); K and V cached as int16 at calibrated scales
@@ -92,7 +93,7 @@ class IntegerModel:
     dim: int
     head_dim: int
     vocab_size: int
-    embed: np.ndarray  # int8 [vocab, dim], one scale per row
+    embed: np.ndarray | None  # int8 [vocab, dim], one scale per row; None: the LM head's [dim, vocab] table (tied)
     embed_m0: np.ndarray  # int32 [vocab]: row scale / residual scale
     embed_shift: np.ndarray  # int32 [vocab]
     layers: list[IntLayer]
@@ -113,7 +114,7 @@ class IntegerModel:
             kind = "int8 per output channel" if lin.group_factor is None else f"int4 groups of {lin.weight.shape[1]}"
             kinds[kind] = kinds.get(kind, 0) + 1
         text = ", ".join(f"{k} in {n} matmul{'s' * (n != 1)}" for k, n in sorted(kinds.items()))
-        return f"{text}; embedding int8 per row"
+        return f"{text}; embedding int8 per row{' (the LM head table, shared)' if self.embed is None else ''}"
 
 
 def integer_inputs(step: StepInputs) -> tuple[np.ndarray, ...]:
@@ -215,7 +216,11 @@ def decoder_step(ops, m: IntegerModel, sink_size: int, tokens, cos_win, sin_win,
     rope_tables = [ops.cast(t, np.int64) for t in (cos_win, sin_win, cos_sink, sin_sink)]
     eps_table = ops.const(m.eps_table, name="rmsnorm.eps_table")
     ids = ops.reshape(tokens, (-1,))
-    rows = ops.cast(ops.gather(ops.const(m.embed, name="embed_tokens.weight"), ids), np.int64)  # [P, dim]
+    if m.embed is None:  # tied: column `id` of the head's int8 [dim, vocab] weight is the token's row
+        rows = ops.transpose(ops.gather(ops.const(m.head.weight, name="lm_head.weight"), ids, axis=1), (1, 0))
+    else:
+        rows = ops.gather(ops.const(m.embed, name="embed_tokens.weight"), ids)
+    rows = ops.cast(rows, np.int64)  # [P, dim]
     row_m0 = ops.reshape(ops.gather(_const(ops, m.embed_m0, "embed_tokens.m0"), ids), (-1, 1))
     row_shift = ops.reshape(ops.gather(_const(ops, m.embed_shift, "embed_tokens.shift"), ids), (-1, 1))
     x = A.mbqm(ops, rows, row_m0, row_shift)

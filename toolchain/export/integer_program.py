@@ -156,9 +156,12 @@ def build_integer_model(model: Transformer, ranges: dict, group_size: int | None
         scales["layers"].append({"q": s_q, "k": s_k, "v": s_v, "k_cache": s_kc, "v_cache": s_vc, "gate": s_g,
                                  "up": s_u, "down_in": s_m, "input_norm": s_n1, "post_norm": s_n2})
     final_gain, s_nf = _norm(model.model.norm.weight)
+    head = _linear([model.lm_head.weight], s_nf, [2.0**-LOGITS_FRAC_BITS], group_size=group_size)
+    if head.group_factor is None and np.array_equal(head.weight.T, embed):
+        embed = None  # tied and both int8 per row: the lookup reads the head's table (saves vocab x dim bytes)
     return IntegerModel(
         dim=c.dim, head_dim=hd, vocab_size=c.vocab_size,
         embed=embed, embed_m0=embed_m0, embed_shift=embed_shift, layers=layers,
-        final_norm=final_gain, head=_linear([model.lm_head.weight], s_nf, [2.0**-LOGITS_FRAC_BITS], group_size=group_size),
+        final_norm=final_gain, head=head,
         eps_table=A.rmsnorm_eps_table(c.norm_eps, c.dim, s_r), logits_scale=2.0**-LOGITS_FRAC_BITS, scales=scales,
     )
