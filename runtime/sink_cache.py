@@ -101,11 +101,13 @@ class SinkWindowSchedule:
         n, s, w = len(token_ids), self.layout.sink_size, self.layout.window_size
         if not 1 <= n <= width <= w:
             raise PocketLMError(f"a step takes 1..{width} tokens (window {w}), got {n}")
+        if width == 1:
+            return self._decode_inputs(int(token_ids[0]))
         pos = self.n_seen + np.arange(width)
         tokens = np.zeros((1, width), np.int64)
         tokens[0, :n] = token_ids
-        cos_win, sin_win = rope.cos_sin(self.freq, pos)
-        cos_sink, sin_sink = rope.cos_sin(self.freq, [self.cache_position(int(p)) for p in pos])
+        cos, sin = rope.cos_sin(self.freq, np.concatenate([pos, [self.cache_position(int(p)) for p in pos]]))
+        cos_win, cos_sink, sin_win, sin_sink = cos[:width], cos[width:], sin[:width], sin[width:]
         slots = np.full(width, self.layout.trash_slot, np.int64)
         slots[:n] = [self.slot_of(int(p)) for p in pos[:n]]
 
@@ -121,6 +123,17 @@ class SinkWindowSchedule:
         visible[n:, self.layout.physical_len :] = np.eye(width, dtype=bool)[n:]  # padding sees itself
         mask = np.where(visible, 0.0, MASKED).astype(np.float32)
         return StepInputs(tokens, cos_win, sin_win, cos_sink, sin_sink, mask, slots, n)
+
+    def _decode_inputs(self, token: int) -> StepInputs:
+        """step_inputs for one token, on the generation hot path: the same arrays without the chunk's
+        padding and causal bookkeeping."""
+        s, w, pos = self.layout.sink_size, self.layout.window_size, self.n_seen
+        cos, sin = rope.cos_sin(self.freq, [pos, self.cache_position(pos)])
+        old = self.slot_pos
+        visible = np.append((old >= 0) & ((old < s) | (old > pos - w)), True)
+        mask = np.where(visible, np.float32(0.0), np.float32(MASKED))[None, :]
+        return StepInputs(np.array([[token]], np.int64), cos[:1], sin[:1], cos[1:], sin[1:], mask,
+                          np.array([self.slot_of(pos)], np.int64), 1)
 
     def commit(self, step: StepInputs) -> None:
         """Record that the program wrote the step's valid tokens into their slots."""

@@ -180,3 +180,15 @@ def test_a_single_token_sees_a_prefix_of_the_cache_before_and_after_the_ring_fil
         counts.append(decode_key_count(step))
         schedule.commit(step)
     assert counts == [min(p + 1, LAYOUT.cache_len) for p in range(40)]
+
+
+def test_a_single_token_step_gets_the_same_inputs_as_the_first_row_of_a_chunk():
+    """The decode fast path (width 1) against the general chunk path, step by step while the ring wraps."""
+    schedule = SinkWindowSchedule(LAYOUT, np_rope.inv_freq(8, 10000.0))
+    for t in range(40):
+        one, chunk = schedule.step_inputs([7], 1), schedule.step_inputs([7], 2)
+        for name in ("cos_win", "sin_win", "cos_sink", "sin_sink"):
+            assert np.array_equal(getattr(one, name), getattr(chunk, name)[:1]), (t, name)
+        assert np.array_equal(one.mask, chunk.mask[:1, : LAYOUT.physical_len + 1]) and one.mask.dtype == np.float32
+        assert one.tokens.tolist() == [[7]] and one.slots.tolist() == chunk.slots[:1].tolist() and one.n_valid == 1
+        schedule.commit(one)
