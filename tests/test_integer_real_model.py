@@ -42,7 +42,7 @@ def test_integer_program_is_bit_exact_and_within_2_percent_of_fp32_on_the_defaul
 
 
 def test_executorch_int8_program_of_the_same_weights_passes_parity_on_the_default_model(w8a8_bundle):
-    assert w8a8_bundle.manifest["programs"]["executorch"]["weights"].startswith("int8 per channel, XNNPACK 8da8w, 211 linears")
+    assert w8a8_bundle.manifest["programs"]["executorch"]["weights"].startswith("int8 per channel, XNNPACK 8da8w, 121 linears")
     report = validate_backend(w8a8_bundle, "executorch")
     assert report["passed"], report["checks"]
     assert report["parity"]["top1_agreement"] >= 0.9 and abs(report["perplexity"]["delta_pct"]) < 1.0

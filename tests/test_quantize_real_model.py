@@ -38,8 +38,8 @@ def test_int8_weights_are_nearly_lossless_on_the_default_model(real, fp32_ppl, t
 
 
 def test_the_int4_onnx_program_keeps_one_int8_table_for_the_tied_head_and_lookup_on_the_default_model(real, tmp_path):
-    """w4-rtn g64 with the int8 head: 120 int4 MatMulNBits (about 50 MB), the head's 28 MB of int8
-    codes also read by the embedding lookup; a float32 copy of the table alone would be 113 MB."""
+    """w4-rtn g64 with the int8 head: 120 int4 MatMulNBits (4 a layer, q|k|v and gate|up fused; about
+    50 MB), the head's 28 MB of int8 codes also read by the embedding lookup; a float32 copy of the table alone would be 113 MB."""
     from pocketlm.runtime.bundle import Bundle
     from pocketlm.runtime.profile import file_sizes
     from pocketlm.runtime.validate import validate_backend

@@ -60,8 +60,8 @@ def test_export_of_an_int4_folder_runs_matmulnbits_and_passes_parity(tiny_hf_fol
     assert m["quantization"]["scheme"] == "w4-rtn" and m["stages"][0]["stage"] == "quantize"
     assert m["quantization"]["layers"]["model.layers.0.self_attn.q_proj"]["group_size"] == 16
     ops = [n.op_type for n in onnx.load(str(bundle.root / "model.onnx"), load_external_data=False).graph.node]
-    # 2 layers x 7 linears become MatMulNBits; the float (tied) LM head stays a MatMul
-    assert ops.count("MatMulNBits") == (0 if onnx_int4 == "off" else 14)
+    # 2 layers x 4 linears (q|k|v and gate|up fused) become MatMulNBits; the float (tied) LM head stays a MatMul
+    assert ops.count("MatMulNBits") == (0 if onnx_int4 == "off" else 8)
     report = validate_backend(bundle, "onnx")
     assert report["passed"], report["checks"]
     if onnx_int4 != "int8":  # same weights, float activations: as close as the float program
@@ -97,7 +97,7 @@ def test_executorch_runs_int4_sources_as_xnnpack_8da4w_with_the_stage_codes(tiny
     q = quantize_source(src, tmp_path / "q", scheme="w4-rtn", group_size=32)
     bundle = Bundle.open(export_bundle(q, tmp_path / "bundle", ("executorch",), sink_size=4, window_size=12, chunk=5))
     program = bundle.manifest["programs"]["executorch"]
-    assert program["weights"] == "int4 XNNPACK 8da4w, group 32, 14 linears"
+    assert program["weights"] == "int4 XNNPACK 8da4w, group 32, 8 linears"
     report = validate_backend(bundle, "executorch")
     assert report["passed"], report["checks"]
     assert 0 < report["parity"]["max_logits_abs"] < 0.05  # int8 activations: close, not exact
@@ -131,12 +131,12 @@ def test_an_int8_head_runs_as_8bit_kernels_next_to_the_int4_linears(tiny_tokeniz
     q = quantize_source(src, tmp_path / "q", scheme="w4-rtn", group_size=32, head="int8")
     bundle = Bundle.open(export_bundle(q, tmp_path / "bundle", ("onnx", "executorch"), sink_size=4, window_size=12, chunk=5))
     programs = bundle.manifest["programs"]
-    assert programs["onnx"]["weights"] == ("int4 MatMulNBits, group 32, 14 matmuls + int8 per channel MatMulNBits, 1 matmul; "
+    assert programs["onnx"]["weights"] == ("int4 MatMulNBits, group 32, 8 matmuls + int8 per channel MatMulNBits, 1 matmul; "
                                            "embedding int8 (the LM head's codes, GatherBlockQuantized)")
-    assert programs["executorch"]["weights"] == ("int4 XNNPACK 8da4w, group 32, 14 linears + int8 per channel, XNNPACK 8da8w, "
+    assert programs["executorch"]["weights"] == ("int4 XNNPACK 8da4w, group 32, 8 linears + int8 per channel, XNNPACK 8da8w, "
                                                  "1 linear; embedding int8 (embedding_byte)")
     nodes = onnx.load(str(bundle.root / "model.onnx"), load_external_data=False).graph.node
-    assert sorted(a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits") == [4] * 14 + [8]
+    assert sorted(a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits") == [4] * 8 + [8]
     _assert_the_lookup_reads_the_heads_codes(bundle, bits=8)
     report = validate_bundle(bundle.root)
     assert report["passed"], report
@@ -173,8 +173,8 @@ def test_an_int4_head_leaves_one_int4_table_for_the_head_and_the_lookup(tiny_tok
     shutil.copy(tiny_tokenizer_dir / "tokenizer.json", src / "tokenizer.json")
     q = quantize_source(src, tmp_path / "q", scheme="w4-rtn", group_size=32, head="same")
     bundle = Bundle.open(export_bundle(q, tmp_path / "bundle", ("onnx", "executorch"), sink_size=4, window_size=12, chunk=5))
-    assert bundle.manifest["programs"]["executorch"]["weights"] == "int4 XNNPACK 8da4w, group 32, 15 linears; embedding int4 (embedding_4bit)"
-    assert bundle.manifest["programs"]["onnx"]["weights"] == ("int4 MatMulNBits, group 32, 15 matmuls; "
+    assert bundle.manifest["programs"]["executorch"]["weights"] == "int4 XNNPACK 8da4w, group 32, 9 linears; embedding int4 (embedding_4bit)"
+    assert bundle.manifest["programs"]["onnx"]["weights"] == ("int4 MatMulNBits, group 32, 9 matmuls; "
                                                               "embedding int4 (the LM head's codes, GatherBlockQuantized)")
     _assert_the_lookup_reads_the_heads_codes(bundle, bits=4)
     report = validate_bundle(bundle.root)

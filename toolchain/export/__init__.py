@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from pocketlm.runtime.sink_cache import CacheLayout
 from ..atomic import atomic_folder
 from ..load import load_model, load_tokenizer
 from ..model.convert import TOKENIZER_FILES, pocketlm_meta
+from ..model.fuse import fuse_projections_
 from ..model.transformer import Transformer
 from ..quantize import INTEGER_SCHEMES
 from ..sources import Source
@@ -50,13 +52,17 @@ def export_bundle(
     window_size: int = 508,
     chunk: int = 32,
     onnx_int4: str = "auto",
+    fuse_projections: bool = True,
 ) -> Path:
     """Write a bundle at `out` atomically: everything goes to a temp folder that is renamed at the end.
 
     onnx_int4: for a source quantized to symmetric int4 groups, "int8" runs ONNX Runtime's
     MatMulNBits with int8 activations (its fastest CPU path; "auto" picks it), "float" the same
     kernels with float32 activations (matches PyTorch closely), "off" keeps float32 MatMuls and
-    ExecuTorch's float linears. Otherwise ExecuTorch runs int4 sources as XNNPACK 8da4w."""
+    ExecuTorch's float linears. Otherwise ExecuTorch runs int4 sources as XNNPACK 8da4w.
+
+    fuse_projections: the programs run each layer's q/k/v and gate/up as one linear each
+    (model.fuse); the golden outputs come from the model as loaded."""
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         raise PocketLMError(f"unknown backend {unknown or '(none)'}; choose from {', '.join(BACKENDS)}")
@@ -75,15 +81,18 @@ def export_bundle(
                             f"'{src.spec}' has groups of {int4_group}: quantize with --group-size 32 or 64, "
                             "or export with --onnx-int4 off (float programs)")
     tokenizer = load_tokenizer(src)
+    exported = fuse_projections_(copy.deepcopy(model)) if fuse_projections else model
     with atomic_folder(out) as tmp:
         programs = {}
         for backend in backends:
             t0 = time.perf_counter()
             print(f"exporting {backend} (cache {sink_size} sinks + {window_size} window, chunk {chunk})", flush=True)
             path = tmp / PROGRAM_FILES[backend]
-            extra = _export_one(backend, model, layout, path, stop_token_ids(model, tokenizer), int4_group, onnx_int4, integer)
+            extra = _export_one(backend, exported, layout, path, stop_token_ids(model, tokenizer), int4_group, onnx_int4, integer)
             files = sorted(p.name for p in tmp.iterdir() if p.name.startswith(path.name))
-            programs[backend] = {"file": path.name, "files": files, "export_s": round(time.perf_counter() - t0, 1), **extra}
+            fused = fuse_projections or extra.get("arithmetic") == "integer-only"  # the integer step always fuses
+            programs[backend] = {"file": path.name, "files": files, "export_s": round(time.perf_counter() - t0, 1),
+                                 "projections": "fused q|k|v, gate|up" if fused else "separate", **extra}
             print(f"  {backend}: {programs[backend]['export_s']} s", flush=True)
         for name in TOKENIZER_FILES:
             if (src.path / name).exists():

@@ -42,13 +42,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, spec.n_kv_heads * config.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.dim, spec.n_kv_heads * config.head_dim, bias=bias)
         self.o_proj = nn.Linear(spec.n_heads * config.head_dim, config.dim, bias=False)
+        self.qkv_proj = None  # q|k|v as one linear: set by fuse.fuse_projections_ for export
 
     def project_qkv(self, x: torch.Tensor):
         """x: [B, T, dim] -> un-rotated q [B, n_heads, T, head_dim], k and v [B, n_kv_heads, T, head_dim]."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:  # slices, not split(): XNNPACK delegates a slice, not a split
+            qkv, nq, nkv = self.qkv_proj(x), self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = qkv[..., :nq], qkv[..., nq : nq + nkv], qkv[..., nq + nkv :]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -72,9 +78,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.gate_up_proj = None  # gate|up as one linear: set by fuse.fuse_projections_ for export
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate_up, hidden = self.gate_up_proj(x), self.down_proj.in_features
+            gate, up = gate_up[..., :hidden], gate_up[..., hidden:]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
