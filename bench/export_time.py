@@ -1,6 +1,6 @@
-"""Wall time and peak memory to export the default model to each backend (one process per backend,
-so peaks don't mix). Leaves the bundle for the other benchmarks.
-Usage: python bench/export_time.py --out DIR [--window-size 508] [--chunk 32]"""
+"""Wall time and peak memory to export a source (default: the default model) to each backend (one
+process per backend, so peaks don't mix). Leaves the bundle for the other benchmarks.
+Usage: python bench/export_time.py --out DIR [--source SOURCE] [--window-size 508] [--chunk 32] [--name export_time]"""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ CHILD = """
 import sys, time
 from pocketlm.toolchain.export import export_bundle
 t = time.perf_counter()
-export_bundle('default', sys.argv[1], (sys.argv[2],), sink_size=4, window_size=int(sys.argv[3]), chunk=int(sys.argv[4]))
+export_bundle(sys.argv[5], sys.argv[1], (sys.argv[2],), sink_size=4, window_size=int(sys.argv[3]), chunk=int(sys.argv[4]))
 print('EXPORT_S', time.perf_counter() - t)
 """
 
@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--window-size", type=int, default=508)
     ap.add_argument("--chunk", type=int, default=32)
+    ap.add_argument("--source", default="default")
+    ap.add_argument("--name", default="export_time")
     args = ap.parse_args()
     out = Path(args.out)
     results, parts = {}, {}
@@ -35,7 +37,7 @@ def main() -> None:
         part = out.parent / f"{out.name}.{backend}"
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(part), backend, str(args.window_size), str(args.chunk)],
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(part), backend, str(args.window_size), str(args.chunk), args.source],
                               capture_output=True, text=True)
         wall = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -50,7 +52,7 @@ def main() -> None:
         parts[backend] = part
         print(backend, results[backend], flush=True)
     merge(parts, out)
-    write_json("export_time", {"cache": {"sink_size": 4, "window_size": args.window_size, "chunk": args.chunk},
+    write_json(args.name, {"source": args.source, "cache": {"sink_size": 4, "window_size": args.window_size, "chunk": args.chunk},
                                "results": results, "bundle": str(out),
                                "note": "peak_rss_bytes is the largest child so far (ru_maxrss of RUSAGE_CHILDREN)"})
 
