@@ -94,6 +94,7 @@ def test_w8a8_bundle_validates_exactly_on_onnx_and_closely_on_executorch_int8(w8
     bundle = Bundle.open(w8a8[2])
     onnx_program, et_program = bundle.manifest["programs"]["onnx"], bundle.manifest["programs"]["executorch"]
     assert onnx_program["arithmetic"] == "integer-only" and onnx_program["float_ops"] == []
+    assert onnx_program["parity_thresholds"]["max_ppl_delta_pct"] == 2.0
     assert onnx_program["golden"] == "golden_integer.npz" and onnx_program["requant_rounding"] == "gemmlowp-srdhm-rdpot"
     assert et_program["weights"].startswith("int8 per channel, XNNPACK 8da8w")
     report = validate_bundle(bundle.root)

@@ -6,13 +6,10 @@ from __future__ import annotations
 import pytest
 
 from pocketlm.toolchain.evaluate import evaluate_perplexity
-from pocketlm.toolchain.quant.awq import AwqConfig
 from pocketlm.toolchain.quantize import quantize_source
 
 pytestmark = pytest.mark.real_model
 TOKENS = 2048
-# a cheaper search than the default (which the benchmark uses), so the suite stays fast
-CI_AWQ = AwqConfig(n_grid=10, clip_grid=10, search_tokens=1024, gram_tokens=2048)
 
 
 def _ppl(source) -> float:
@@ -24,10 +21,9 @@ def fp32_ppl(real):
     return _ppl(real.source)
 
 
-def test_awq_closes_part_of_rtns_int4_gap_on_the_default_model(real, fp32_ppl, tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant")
-    rtn = _ppl(quantize_source(real.source, root / "rtn", scheme="w4-rtn", group_size=64))
-    awq = _ppl(quantize_source(real.source, root / "awq", scheme="w4-awq", group_size=64, awq_config=CI_AWQ, calib_seqs=4))
+def test_awq_closes_part_of_rtns_int4_gap_on_the_default_model(real, fp32_ppl, real_awq_g64, tmp_path):
+    rtn = _ppl(quantize_source(real.source, tmp_path / "rtn", scheme="w4-rtn", group_size=64))
+    awq = _ppl(real_awq_g64)
     assert fp32_ppl < rtn < 2 * fp32_ppl  # int4 g64 costs something, and not everything
     assert fp32_ppl < awq < rtn - 0.2 * (rtn - fp32_ppl), (fp32_ppl, rtn, awq)
 

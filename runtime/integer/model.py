@@ -107,6 +107,10 @@ class IntegerModel:
         named = {f"layers.{i}.{site}": getattr(lay, site) for i, lay in enumerate(self.layers) for site in ("qkv", "o", "gate_up", "down")}
         return {**named, "lm_head": self.head}
 
+    def int8_weights_only(self) -> bool:
+        """W8A8 (every linear int8 per output channel) as opposed to W4A8 (int4 groups)."""
+        return all(lin.group_factor is None for lin in self.linears().values())
+
     def describe_weights(self) -> str:
         """What the manifest says of the weights, e.g. 'int4 groups of 64 in 120 matmuls, int8 per output channel in 1'."""
         kinds: dict[str, int] = {}
