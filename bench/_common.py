@@ -13,8 +13,20 @@ from pocketlm.runtime.profile import anon_rss_bytes, peak_rss_bytes, rss_bytes  
 RESULTS = Path(__file__).parent / "results"
 
 
+def _cpu() -> dict:
+    """The CPU's model name and SIMD level: kernels (XNNPACK, llama.cpp, MLAS) pick code paths by them,
+    so figures from machines that differ here do not compare."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu": platform.processor()}
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
+    return {"cpu": model, "simd": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]}
+
+
 def machine() -> dict:
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), **_cpu(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def write_json(name: str, data: dict, out: str | None = None) -> Path:
