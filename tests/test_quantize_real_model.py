@@ -1,5 +1,5 @@
-"""Quantization on the real default model: RTN's damage is measurable, AWQ repairs part of it, and
-the int4 program stores the tied table once, as int8 codes."""
+"""Quantization on the real default model: RTN's damage is measurable, AWQ repairs part of it, and the
+fast int4 bundle of the AWQ weights runs on both backends, storing the tied table once, as int8 codes."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def fp32_ppl(real):
 
 
 def test_awq_closes_part_of_rtns_int4_gap_on_the_default_model(real, fp32_ppl, real_awq_g64, tmp_path):
-    rtn = _ppl(quantize_source(real.source, tmp_path / "rtn", scheme="w4-rtn", group_size=64))
+    rtn = _ppl(quantize_source(real.source, tmp_path / "rtn", scheme="w4-rtn", group_size=64, head="int8"))
     awq = _ppl(real_awq_g64)
     assert fp32_ppl < rtn < 2 * fp32_ppl  # int4 g64 costs something, and not everything
     assert fp32_ppl < awq < rtn - 0.2 * (rtn - fp32_ppl), (fp32_ppl, rtn, awq)
@@ -33,18 +33,25 @@ def test_int8_weights_are_nearly_lossless_on_the_default_model(real, fp32_ppl, t
     assert abs(w8 / fp32_ppl - 1) < 0.02, (fp32_ppl, w8)
 
 
-def test_the_int4_onnx_program_keeps_one_int8_table_for_the_tied_head_and_lookup_on_the_default_model(real, tmp_path):
-    """w4-rtn g64 with the int8 head: 120 int4 MatMulNBits (4 a layer, q|k|v and gate|up fused; about
-    50 MB), the head's 28 MB of int8 codes also read by the embedding lookup; a float32 copy of the table alone would be 113 MB."""
+def test_the_fast_int4_bundle_runs_on_both_backends_from_the_awq_weights_on_the_default_model(real_awq_g64, real_bundle, tmp_path):
+    """w4-awq g64 with the int8 head, the bundle a phone gets: ONNX Runtime runs 120 int4 MatMulNBits (4 a
+    layer, q|k|v and gate|up fused; about 50 MB) and reads the head's 28 MB of int8 codes for the embedding
+    lookup too (a float32 copy of the table alone would be 113 MB); ExecuTorch runs the same codes as XNNPACK
+    8da4w, the head as 8da8w. Both pass the parity harness, at under a fifth of the float32 program's size."""
     from pocketlm.runtime.bundle import Bundle
     from pocketlm.runtime.profile import file_sizes
     from pocketlm.runtime.validate import validate_backend
     from pocketlm.toolchain.export import export_bundle
 
-    folder = quantize_source(real.source, tmp_path / "w4", scheme="w4-rtn", group_size=64, head="int8")
-    bundle = Bundle.open(export_bundle(folder, tmp_path / "bundle", ("onnx",), sink_size=4, window_size=508, chunk=32))
-    assert bundle.manifest["programs"]["onnx"]["weights"].endswith("embedding int8 (the LM head's codes, GatherBlockQuantized)")
-    size = file_sizes(bundle)["programs"]["onnx"]
-    assert size < 100e6, size
-    report = validate_backend(bundle, "onnx")
-    assert report["passed"], report["checks"]
+    bundle = Bundle.open(export_bundle(real_awq_g64, tmp_path / "bundle", ("onnx", "executorch"), sink_size=4, window_size=508, chunk=32))
+    programs = bundle.manifest["programs"]
+    assert programs["onnx"]["weights"].endswith("embedding int8 (the LM head's codes, GatherBlockQuantized)")
+    assert programs["executorch"]["weights"] == ("int4 XNNPACK 8da4w, group 64, 120 linears + int8 per channel, "
+                                                 "XNNPACK 8da8w, 1 linear; embedding int8 (embedding_byte)")
+    sizes, fp32_sizes = file_sizes(bundle)["programs"], file_sizes(Bundle.open(real_bundle))["programs"]
+    assert sizes["onnx"] < 100e6, sizes
+    for backend in ("onnx", "executorch"):
+        assert sizes[backend] < 0.2 * fp32_sizes[backend], (backend, sizes[backend], fp32_sizes[backend])
+        report = validate_backend(bundle, backend)
+        assert report["passed"], (backend, report["checks"])
+        assert report["parity"]["top1_agreement"] >= 0.9, (backend, report["parity"])
