@@ -7,7 +7,7 @@ peak RSS. The .pte is made outside the repo (export_llm is not run here).
 
 Usage:
   python bench/export_llm_peer.py PTE --tokenizer HF_FOLDER_OR_TOKENIZER_JSON [--bundle BUNDLE ...]
-      [--threads 2] [--prompt-tokens 128] [--new-tokens 128] [--runs 3] [--ppl-tokens 2048] [--name export_llm_peer] [--out FILE]
+      [--threads 2] [--prompt-tokens 128] [--new-tokens 128] [--runs 3] [--ppl-tokens 2048] [--made-by SCRIPT] [--name export_llm_peer] [--out FILE]
 
 --bundle (repeatable): pocketlm bundles whose ExecuTorch program is timed in the same process, in
 alternating rounds with the peer (round r runs the peer, then each bundle, in an order that reverses
@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--bundle", action="append", default=[], help="a pocketlm bundle to time alongside (ExecuTorch)")
     ap.add_argument("--ppl-tokens", type=int, default=0)
+    ap.add_argument("--made-by", default=None, help="the script that made the .pte (its text is recorded in the JSON)")
     ap.add_argument("--name", default="export_llm_peer")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -132,7 +133,8 @@ def main() -> None:
                 for k, v in (("ttft", out.ttft_s), ("prefill", out.prefill_tok_s), ("decode", out.decode_tok_s)):
                     ours_runs[who][k].append(v)
     row = {
-        "pte": str(args.pte), "file_bytes": Path(args.pte).stat().st_size, "threads": args.threads,
+        "pte": str(args.pte), "made_by": Path(args.made_by).read_text() if args.made_by else None,
+        "file_bytes": Path(args.pte).stat().st_size, "threads": args.threads,
         "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "runs": args.runs,
         "max_seq_len": model.max_seq_len, "max_context_len": model.max_context_len, "prefill_chunk": model.chunk,
         "load_s": load_s, "ttft_ms": 1000 * statistics.median(ttft), "prefill_tok_s": statistics.median(prefill),

@@ -34,10 +34,10 @@ def main() -> None:
         return evaluate_perplexity(src, max_tokens=args.max_tokens, show_progress=False).ppl
 
     results = {"fp32": {"ppl": ppl(args.source)}}
-    ptq = quantize_source(args.source, f"{root}/ptq", scheme="w4-rtn", group_size=args.group_size)
+    ptq = quantize_source(args.source, f"{root}/ptq", scheme="w4-rtn", group_size=args.group_size, head="float")
     results["w4-rtn (PTQ)"] = {"ppl": ppl(ptq)}
     print(results, flush=True)
-    qat = quantize_source(args.source, f"{root}/qat", scheme="w4-rtn", group_size=args.group_size,
+    qat = quantize_source(args.source, f"{root}/qat", scheme="w4-rtn", group_size=args.group_size, head="float",
                           qat_steps=args.steps, qat_lr=args.lr, qat_batch=args.batch)
     stage = json.loads((qat / "pocketlm_model.json").read_text())["stages"][-1]
     losses = json.loads((qat / "qat_losses.json").read_text())
@@ -46,7 +46,7 @@ def main() -> None:
     fp, p, q = results["fp32"]["ppl"], results["w4-rtn (PTQ)"]["ppl"], results["w4-rtn + QAT"]["ppl"]
     results["qat_gap_closed"] = (p - q) / (p - fp)
     write_json("qat_ppl", {"source": args.source, "group_size": args.group_size, "max_tokens": args.max_tokens,
-                           "eval": "default text eval split, ctx 512", "train": "default text train split, 256-token windows",
+                           "eval": "default text eval split, ctx 512", "head": "float", "train": "default text train split, 256-token windows",
                            "kl_per_25_steps": [sum(losses[i:i + 25]) / len(losses[i:i + 25]) for i in range(0, len(losses), 25)],
                            "results": results}, args.out)
 

@@ -36,13 +36,13 @@ def main() -> None:
     for g in args.groups:
         for scheme in ("w4-rtn", "w4-awq"):
             t0 = time.perf_counter()
-            folder = quantize_source(args.source, f"{root}/{scheme}-g{g}", scheme=scheme, group_size=g)
+            folder = quantize_source(args.source, f"{root}/{scheme}-g{g}", scheme=scheme, group_size=g, head="float")
             seconds = time.perf_counter() - t0
             results[f"{scheme}-g{g}"] = {"ppl": ppl(folder), "quantize_s": round(seconds, 1)}
             print(scheme, g, results[f"{scheme}-g{g}"], flush=True)
         fp, rtn, awq = results["fp32"]["ppl"], results[f"w4-rtn-g{g}"]["ppl"], results[f"w4-awq-g{g}"]["ppl"]
         results[f"g{g}_gap_closed"] = (rtn - awq) / (rtn - fp) if rtn > fp else None
-    folder = quantize_source(args.source, f"{root}/w8-rtn", scheme="w8-rtn")
+    folder = quantize_source(args.source, f"{root}/w8-rtn", scheme="w8-rtn", head="float")
     results["w8-rtn"] = {"ppl": ppl(folder)}
     write_json("quant_ppl", {"source": args.source, "max_tokens": args.max_tokens, "ctx": 512, "threads": args.threads,
                              "weights": "symmetric; LM head/embedding kept float", "results": results}, args.out)

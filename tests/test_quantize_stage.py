@@ -28,7 +28,8 @@ def test_quantized_folder_is_a_source_for_eval_and_records_every_decision(tiny_h
     q = meta["quantization"]
     assert q["scheme"] == "w4-awq" and q["weights"] == {"bits": 4, "group_size": 16, "symmetric": True}
     assert q["layers"]["model.layers.0.mlp.down_proj"]["bits"] == 4
-    assert q["layers"]["lm_head"].get("float") is True  # the tied head's explicit choice
+    # the tied head's explicit choice: int8 per output channel unless asked otherwise
+    assert q["head"] == "int8" and q["layers"]["lm_head"]["bits"] == 8 and q["layers"]["lm_head"]["group_size"] is None
     assert meta["stages"][-1]["stage"] == "quantize" and meta["stages"][-1]["awq_results"] == "awq.json"
     # weights lie on the int4 grid: at most 2*7+1 distinct values per 16-weight group
     w = load_file(str(out / "model.safetensors"))["model.layers.1.self_attn.o_proj.weight"]
@@ -54,7 +55,7 @@ def test_export_of_an_int4_folder_runs_matmulnbits_and_passes_parity(tiny_hf_fol
     from pocketlm.runtime.validate import validate_backend
     from pocketlm.toolchain.export import export_bundle
 
-    q = quantize_source(tiny_hf_folder, tmp_path / "q", scheme="w4-rtn", group_size=16)
+    q = quantize_source(tiny_hf_folder, tmp_path / "q", scheme="w4-rtn", group_size=16, head="float")
     bundle = Bundle.open(export_bundle(q, tmp_path / "bundle", ("onnx",), sink_size=4, window_size=12, chunk=5, onnx_int4=onnx_int4))
     m = bundle.manifest
     assert m["quantization"]["scheme"] == "w4-rtn" and m["stages"][0]["stage"] == "quantize"
@@ -94,13 +95,30 @@ def test_executorch_runs_int4_sources_as_xnnpack_8da4w_with_the_stage_codes(tiny
     src = tmp_path / "tiny64"
     tiny_hf_model(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=2).save_pretrained(src)
     shutil.copy(tiny_tokenizer_dir / "tokenizer.json", src / "tokenizer.json")
-    q = quantize_source(src, tmp_path / "q", scheme="w4-rtn", group_size=32)
+    q = quantize_source(src, tmp_path / "q", scheme="w4-rtn", group_size=32, head="float")
     bundle = Bundle.open(export_bundle(q, tmp_path / "bundle", ("executorch",), sink_size=4, window_size=12, chunk=5))
     program = bundle.manifest["programs"]["executorch"]
     assert program["weights"] == "int4 XNNPACK 8da4w, group 32, 8 linears"
     report = validate_backend(bundle, "executorch")
     assert report["passed"], report["checks"]
     assert 0 < report["parity"]["max_logits_abs"] < 0.05  # int8 activations: close, not exact
+
+
+def test_each_scheme_gets_the_head_it_can_run_and_a_head_it_cannot_is_refused(tiny_hf_folder, tmp_path, capsys):
+    from pocketlm.toolchain.quantize import SCHEMES, scheme_head
+
+    assert [scheme_head(SCHEMES[s], None) for s in ("w4-rtn", "w4-awq", "w8-rtn", "w8a8-int", "w4a8-int", "w2-ternary")] == \
+        ["int8"] * 5 + ["float"]
+    assert scheme_head(SCHEMES["w4-rtn"], "same") == "same" and scheme_head(SCHEMES["w4-awq"], "float") == "float"
+    with pytest.raises(PocketLMError, match=r"scheme 'w8a8-int' is integer-only: .* drop --head float"):
+        quantize_source(tiny_hf_folder, tmp_path / "i", scheme="w8a8-int", head="float")
+    with pytest.raises(PocketLMError, match=r"scheme 'w2-ternary' keeps the LM head float .* drop --head int8"):
+        quantize_source(tiny_hf_folder, tmp_path / "t", scheme="w2-ternary", head="int8", qat_steps=2)
+    assert cli.main(["quantize", str(tiny_hf_folder), "--scheme", "w4-rtn", "--group-size", "16", "--head", "float",
+                     "--out", str(tmp_path / "f")]) == 0
+    q = json.loads((tmp_path / "f" / "pocketlm_model.json").read_text())["quantization"]
+    assert q["head"] == "float" and q["layers"]["lm_head"].get("float") is True
+    assert not (tmp_path / "i").exists() and not (tmp_path / "t").exists()
 
 
 def test_executorch_int4_refuses_groups_xnnpack_cannot_run_before_any_export(tiny_hf_folder, tmp_path):

@@ -214,9 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="w4-awq (default), w4-rtn, w8-rtn, w2-ternary (needs --qat-steps), w8a8-int or w4a8-int (integer-only programs)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size along the input (default 64; must divide the layer widths)")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric groups (zero points) instead of symmetric")
-    p.add_argument("--head", default="float", choices=["float", "int8", "same"],
-                   help="the LM head (tied to the embedding in SmolLM2): keep float (default), int8 per channel, or the scheme's own; "
-                        "w8a8-int and w4a8-int always make it int8 (integer-only: every matmul)")
+    p.add_argument("--head", default=None, choices=["float", "int8", "same"],
+                   help="the LM head (tied to the embedding in SmolLM2): int8 per output channel (default), float, or the "
+                        "scheme's own (int4 groups); w8a8-int and w4a8-int always make it int8, w2-ternary keeps it float")
     p.add_argument("--calib", default=None, help="UTF-8 calibration text (default: the calib split of the default prose)")
     p.add_argument("--awq-results", default=None, help="re-apply a saved AWQ search (awq.json) instead of searching")
     p.add_argument("--qat-steps", type=int, default=0, help="quantization-aware training steps first (distilled from the float model)")

@@ -26,10 +26,12 @@ def run(recipe: Recipe | None = None, out: str | None = None, prompt: str = DEMO
     target = recipe.resolved_target()
     backends = list(recipe.export.backends)
     q = recipe.quantize
+    head = None
     if q:
-        from .quantize import scheme_spec
+        from .quantize import scheme_head, scheme_spec
 
-        scheme_spec(q.scheme, q.group_size, not q.asymmetric)  # a bad scheme fails now, not after minutes
+        scheme, _ = scheme_spec(q.scheme, q.group_size, not q.asymmetric)  # a bad scheme fails now, not after minutes
+        head = scheme_head(scheme, q.head)
     target.check_request(backends, q.scheme if q else "fp32")  # before any compute
     cache = recipe.cache(target)
     threads = sorted(set(recipe.profile.threads or default_thread_sweep()) | {target.threads})
@@ -39,9 +41,9 @@ def run(recipe: Recipe | None = None, out: str | None = None, prompt: str = DEMO
     if q:
         from .quantize import quantize_source
 
-        print(f"[0/4] quantize {source}: {q.scheme}, group {q.group_size}, head {q.head}", flush=True)
+        print(f"[0/4] quantize {source}: {q.scheme}, group {q.group_size}, head {head}", flush=True)
         source = str(quantize_source(source, root / "quantized", scheme=q.scheme, group_size=q.group_size,
-                                     symmetric=not q.asymmetric, head=q.head, calib=q.calib, awq_results=q.awq_results))
+                                     symmetric=not q.asymmetric, head=head, calib=q.calib, awq_results=q.awq_results))
         timings["quantize"] = time.perf_counter() - t0
         t0 = time.perf_counter()
     print(f"[1/4] export {source} -> {', '.join(backends)} (cache {cache['sink_size']} sinks + "

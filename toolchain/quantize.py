@@ -24,6 +24,10 @@ from .sources import Source, resolve
 
 AWQ_FILE = "awq.json"
 DEFAULT_GROUP_SIZE = 64
+# The tied LM head is read whole every decode step (SmolLM2: 28M weights, 21% of the model): int8 per
+# output channel reads a quarter of float's bytes for a perplexity cost within noise
+# (bench/results/head_ppl.json), where int4 groups cost far more; so int8 unless asked otherwise.
+DEFAULT_HEAD = "int8"
 CALIB_SEQ, CALIB_SEQS = 512, 16  # 8,192 calibration tokens by default
 
 
@@ -61,6 +65,21 @@ def scheme_spec(scheme: str, group_size: int | None = DEFAULT_GROUP_SIZE, symmet
     return s, WeightQuantSpec(s.bits, None if s.per_channel else group_size, symmetric)
 
 
+def scheme_head(scheme: Scheme, head: str | None) -> str:
+    """The head a scheme runs: what was asked, else its default; a head the scheme cannot run is refused."""
+    if head is not None and head not in HEAD_CHOICES:
+        raise PocketLMError(f"--head {head!r}: choose one of {', '.join(HEAD_CHOICES)}")
+    if scheme.integer:
+        if head not in (None, "int8"):
+            raise PocketLMError(f"scheme '{scheme.name}' is integer-only: every matmul, the LM head's too, is int8; drop --head {head}")
+        return "int8"
+    if scheme.name == "w2-ternary":
+        if head not in (None, "float"):
+            raise PocketLMError(f"scheme 'w2-ternary' keeps the LM head float (its ternary QAT trains the linears only); drop --head {head}")
+        return "float"
+    return head or DEFAULT_HEAD
+
+
 def calibration_tokens(tokenizer_dir: Path, calib: str | os.PathLike | None, seq: int = CALIB_SEQ, n_seqs: int = CALIB_SEQS) -> torch.Tensor:
     """[n, seq] token windows of the calibration text (default: the calib split of the default prose)."""
     body = load_text(None, "calib") if calib is None else load_text(calib, "all")
@@ -77,7 +96,7 @@ def quantize_source(
     scheme: str = "w4-awq",
     group_size: int | None = DEFAULT_GROUP_SIZE,
     symmetric: bool = True,
-    head: str = "float",
+    head: str | None = None,
     calib: str | os.PathLike | None = None,
     awq_results: str | os.PathLike | None = None,
     awq_config: AwqConfig | None = None,
@@ -88,6 +107,8 @@ def quantize_source(
 ) -> Path:
     """Quantize a source's linear weights and write the result as a pocketlm model folder at `out`.
 
+    head: the tied LM head's quantization (HEAD_CHOICES); None takes the scheme's: int8 (DEFAULT_HEAD),
+    float for w2-ternary.
     awq_results: a saved search (awq.json from an earlier run) to re-apply instead of searching.
     qat_steps: > 0 trains with fake-quantized weights first (distilled from the float model on the
     calibration text, or the default text's train split), then quantizes with the same quantizer.
@@ -101,8 +122,7 @@ def quantize_source(
         raise PocketLMError(f"scheme '{scheme}' calibrates its activations after PTQ; QAT is not available for it: drop --qat-steps")
     if qat_steps and sch.awq:
         raise PocketLMError("QAT starts from round-to-nearest: use --scheme w4-rtn (or w8-rtn, w2-ternary) with --qat-steps")
-    if head not in HEAD_CHOICES:
-        raise PocketLMError(f"--head {head!r}: choose one of {', '.join(HEAD_CHOICES)}")
+    head = scheme_head(sch, head)
     if awq_results and not sch.awq:
         raise PocketLMError(f"--awq-results applies to AWQ schemes only, not '{scheme}'")
     src = source if isinstance(source, Source) else resolve(source)
@@ -153,7 +173,6 @@ def quantize_source(
                 print(f"w4a8-int: activation ranges on {tokens.numel()} calibration tokens", flush=True)
                 decisions, ranges = prepare_w4a8_(model, batches, spec, awq)
             files[RANGES_FILE] = json.dumps(ranges, indent=1)
-            head = "int8"
         elif scheme == "w2-ternary":
             from .quant.qat import ternarize_
 

@@ -43,7 +43,7 @@ class QuantizeSettings:
     scheme: str = "w4-awq"
     group_size: int | None = 64
     asymmetric: bool = False
-    head: str = "float"
+    head: str | None = None  # the scheme's default (toolchain.quantize.scheme_head)
     calib: str | None = None
     awq_results: str | None = None
     onnx_int4: str = "auto"
