@@ -112,7 +112,8 @@ def measure_in_subprocess(bundle_path, backend: str, threads: int, **kw) -> dict
     cmd = [sys.executable, "-m", "pocketlm.runtime.profile", str(bundle_path), "--backend", backend, "--threads", str(threads)]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # ExecuTorch computes on its own threadpool; OpenMP threads there only oversubscribe it (backends.executorch)
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if backend == "executorch" else str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise PocketLMError(f"profiling {backend} with {threads} threads failed:\n{proc.stderr.strip()[-2000:]}")

@@ -145,18 +145,22 @@ def test_bad_layouts_are_refused():
         reference_session(convert.from_hf_model(tiny_hf_model()), LAYOUT).feed([])
 
 
-def test_the_fused_decode_reading_only_the_filled_slots_matches_the_oracle(tiny):
+@pytest.mark.parametrize("layout", [LAYOUT, CacheLayout(sink_size=0, window_size=12, chunk=5)], ids=["sinks", "no-sinks"])
+def test_the_fused_decode_reading_only_the_filled_slots_matches_the_oracle(tiny, layout):
     """ExecuTorch's decode form: a single token past the sinks attends through llama::custom_sdpa to
-    the first decode_key_count(step) cache rows only, the sinks re-rotated instead of a second query
-    rotation; the session sends the first sink_size tokens as chunks. Slot by slot it must see what
-    the oracle sees, before and after the ring fills, and chunks after decodes still read the sinks
-    as stored."""
+    the first decode_key_count(step) cache rows only, each KV head's query group as one block of
+    query rows, the sinks re-rotated instead of a second query rotation; the session sends earlier
+    tokens as chunks (with no sinks, the first group - 1 = 2). Slot by slot it must see what the
+    oracle sees, before and after the ring fills, and chunks after decodes still read the sinks as
+    stored."""
     from pocketlm.runtime.session import CachedSession
     from pocketlm.runtime.sink_cache import StepInputs, decode_key_count
     from pocketlm.toolchain.reference import TorchBackend, rope_freq
 
     class FusedDecode(TorchBackend):
-        decode_from = LAYOUT.sink_size
+        def __init__(self, model, layout):
+            super().__init__(model, layout)
+            self.decode_from = self.program.decode_from()
 
         @torch.no_grad()
         def step(self, inputs: StepInputs) -> np.ndarray:
@@ -165,9 +169,11 @@ def test_the_fused_decode_reading_only_the_filled_slots_matches_the_oracle(tiny)
             arrays = (*inputs.as_tuple()[:5], inputs.slots, np.array([decode_key_count(inputs)]))
             return self.program.decode(*[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])[0].numpy()
 
-    session = CachedSession(FusedDecode(tiny, LAYOUT), LAYOUT, rope_freq(tiny))
+    backend = FusedDecode(tiny, layout)
+    assert backend.decode_from == max(layout.sink_size, 2)  # the tiny model's GQA group is 3
+    session = CachedSession(backend, layout, rope_freq(tiny))
     ours = feed_in_pieces(session, STREAM, [1, 1, 6, 1, 1, 1, 1, 1, 1, 5])
-    assert np.abs(ours - oracle_logits(tiny, STREAM, 4, 12)).max() < 1e-4
+    assert np.abs(ours - oracle_logits(tiny, STREAM, layout.sink_size, 12)).max() < 1e-4
 
 
 def test_a_single_token_sees_a_prefix_of_the_cache_before_and_after_the_ring_fills():

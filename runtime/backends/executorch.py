@@ -4,16 +4,23 @@ ExecuTorch's Python bindings exchange torch tensors, so this backend imports tor
 used (never at `import pocketlm.runtime`); on a phone the same .pte runs from C++ without it.
 The program computes on ExecuTorch's own threadpool; torch here only wraps inputs and outputs, so it
 gets one thread: otherwise its OpenMP workers, woken by copying a step's logits out, spin on the
-cores XNNPACK is using (measured, int4 SmolLM2 at 2 threads: decode 96 -> 149 tok/s).
+cores XNNPACK is using (measured, int4 SmolLM2 at 2 threads: decode 96 -> 149 tok/s). The fused
+attention's kernel calls the BLAS linked into torch (MKL) from ExecuTorch's worker threads, where
+torch.set_num_threads does not reach, so OpenMP's default is set to one thread before torch loads:
+a one-query-per-head decode (ExecuTorch's export_llm programs, pocketlm's before its grouped query)
+measured 9.4-12.2 ms a step at 2 threads with MKL's own threads, 3.7 ms without (int4 SmolLM2,
+AVX-512 machine).
 
 The decode method attends through ExecuTorch's fused attention (llama::custom_sdpa, whose kernel
 ships in the executorch package as a library this backend loads) over the first n cache slots
-(sink_cache.decode_key_count), so it takes no mask; it handles positions past the sinks, and the
-session sends the first sink_size tokens through the prefill method.
+(sink_cache.decode_key_count), so it takes no mask; it handles positions from the program's
+get_decode_from on (past the sinks), and the session sends earlier tokens through the prefill method.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +68,8 @@ class ExecuTorchBackend:
     name = "executorch"
 
     def __init__(self, path: Path, threads: int = 2, program: dict | None = None):
+        if "torch" not in sys.modules:  # OpenMP reads it once, when torch loads (see the module docstring)
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
         import torch
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime, Verification
@@ -80,7 +89,10 @@ class ExecuTorchBackend:
         # both methods come from one Program, so they share its memory-planned cache buffers
         self.methods = {1: et_program.load_method("decode")}
         self.methods[self._constant(et_program, "get_prefill_chunk")] = et_program.load_method("prefill")
-        self.decode_from = self._constant(et_program, "get_sink_size")  # earlier tokens write sinks: prefill
+        # earlier tokens go through prefill (they write the sinks); programs before get_decode_from
+        # decoded from the first position past the sinks
+        first = "get_decode_from" if "get_decode_from" in et_program.method_names else "get_sink_size"
+        self.decode_from = self._constant(et_program, first)
 
     def reset(self) -> None:
         """Nothing to clear: the host masks every slot this conversation has not written (finite

@@ -4,8 +4,9 @@ The cache lives inside the program as mutable buffers updated in place (index_co
 pass), laid out [1, L, n_kv_heads, hd]. Shapes are static: a `prefill` method takes `chunk`
 positions (the masked step: the chunk's K/V appended for the step and written after, since a
 chunk's later tokens evict slots its earlier ones still see) and a `decode` method takes 1 token
-past the sinks through ExecuTorch's fused attention (llama::custom_sdpa) over the filled cache rows
-only, with no mask (model.sink_cache.decode_attention); both share the cache buffers. Constant
+past the sinks (from get_decode_from) through ExecuTorch's fused attention (llama::custom_sdpa) over
+the filled cache rows only, with no mask (model.sink_cache.decode_attention); both share the cache
+buffers. Constant
 methods carry what a runner needs without a manifest (capacity, chunk, vocab, stop id).
 
 Measured on SmolLM2-135M int4 (2 threads, alternating rounds in one process; bench/decode_forms.py):
@@ -66,6 +67,7 @@ def export_executorch(model: Transformer, layout: CacheLayout, path: Path, stop_
     constants = {
         "get_cache_len": layout.cache_len,
         "get_sink_size": layout.sink_size,
+        "get_decode_from": program.decode_from(),
         "get_window_size": layout.window_size,
         "get_prefill_chunk": layout.chunk,
         "get_vocab_size": model.config.vocab_size,

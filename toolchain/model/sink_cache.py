@@ -5,7 +5,8 @@ attention every masked step shares (the query rotated twice: at its true positio
 its in-cache position for the sinks). Two wrappers:
 - SinkCacheProgram keeps the cache in buffers updated in place (the ExecuTorch program and the
   eager PyTorch reference); its decode form reads only the filled cache rows through ExecuTorch's
-  fused attention, with the sinks re-rotated instead of a second query rotation;
+  fused attention (each KV head's query group as one block of rows), with the sinks re-rotated
+  instead of a second query rotation;
 - SinkCacheStateless takes the cache as inputs and returns only the new K/V (the ONNX program; the
   host writes them into its ring, so no step copies the whole cache).
 """
@@ -100,8 +101,13 @@ def decode_attention(attn: Attention, x, cos_win, sin_win, cos_d, sin_d, k_cache
     rotated = sinks * cos_d + rotate_half(sinks) * sin_d
     k_cache.index_copy_(1, sink_and_slot, torch.cat([rotated, k_new], dim=1))
     v_cache.index_copy_(1, slots, v.transpose(1, 2))
-    out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start_pos, None, 0.0, False, None)  # [1, 1, n_heads, hd]
-    return attn.o_proj(out.reshape(1, 1, attn.n_heads * hd))
+    # each KV head's query group rides in the query's sequence dimension, [1, group, n_kv, hd]: the
+    # kernel then reads a KV head's rows once for its whole group (one gemm, not `group` gemvs). With
+    # no causal mask every row sees the first start_pos + group keys, so start_pos moves back by group.
+    group = attn.n_heads // n_kv
+    q = q.reshape(1, n_kv, group, hd).transpose(1, 2)
+    out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start_pos + 1 - group, None, 0.0, False, None)
+    return attn.o_proj(out.transpose(1, 2).reshape(1, 1, attn.n_heads * hd))
 
 
 def _layers_forward(model: Transformer, tokens, attention) -> torch.Tensor:
@@ -126,7 +132,7 @@ class SinkCacheProgram(nn.Module):
     forward(tokens, cos_win, sin_win, cos_sink, sin_sink, mask, slots) -> logits [1, P, vocab] is a
     step of any P (chunk_attention). decode(tokens, cos_win, sin_win, cos_sink, sin_sink, slots,
     n_keys) is the single-token form for positions >= S (decode_attention): no mask, and attention
-    reads n_keys cache rows, not the whole cache."""
+    reads n_keys cache rows, not the whole cache, for positions from decode_from() on."""
 
     def __init__(self, model: Transformer, layout: CacheLayout):
         super().__init__()
@@ -162,11 +168,17 @@ class SinkCacheProgram(nn.Module):
             sink_keys.index_copy_(1, sink_rows, k_new)
         return logits
 
+    def decode_from(self) -> int:
+        """The first position decode serves: past the sinks (earlier tokens write them, which prefill
+        does), and far enough in that every layer's query group fits before it (decode_attention)."""
+        groups = [spec.n_heads // spec.n_kv_heads for spec in self.model.config.layers]
+        return max(self.layout.sink_size, max(groups) - 1)
+
     def decode(self, tokens, cos_win, sin_win, cos_sink, sin_sink, slots, n_keys):
         load_fused_attention()
         s = self.layout.sink_size
         start_pos = n_keys[0].item() - 1
-        torch._check(start_pos >= s)
+        torch._check(start_pos >= self.decode_from())
         torch._check(start_pos < self.layout.cache_len)
         # the sinks' rotation by d = p - c from the query's two tables: cos(a - b), sin(a - b)
         cos_d = cos_win * cos_sink + sin_win * sin_sink
