@@ -55,7 +55,7 @@ def test_w4a8_integer_program_is_bit_exact_and_close_to_its_float_weights_on_the
     report = validate_backend(bundle, "onnx")
     assert report["passed"], report["checks"]
     assert report["parity"]["max_logits_abs"] == 0.0 and report["parity"]["identical_greedy_prefix"] == [32, 32]
-    assert bundle.manifest["programs"]["onnx"]["parity_thresholds"]["max_ppl_delta_pct"] == 3.0
-    assert abs(report["perplexity"]["delta_pct"]) < 3.0
+    assert bundle.manifest["programs"]["onnx"]["parity_thresholds"]["max_ppl_delta_pct"] == 4.0
+    assert abs(report["perplexity"]["delta_pct"]) < 4.0
     size, w8a8_size = file_sizes(bundle)["programs"]["onnx"], file_sizes(w8a8_bundle)["programs"]["onnx"]
     assert size < 0.6 * w8a8_size, (size, w8a8_size)

@@ -114,7 +114,7 @@ def test_w4a8_bundle_validates_exactly_on_onnx_and_closely_on_executorch_8da4w(w
     bundle = Bundle.open(w4a8[1])
     onnx_program, et_program = bundle.manifest["programs"]["onnx"], bundle.manifest["programs"]["executorch"]
     assert onnx_program["arithmetic"] == "integer-only"
-    assert onnx_program["parity_thresholds"]["max_ppl_delta_pct"] == 3.0  # W8A8's is 2.0: see INTEGER_PARITY_W4
+    assert onnx_program["parity_thresholds"]["max_ppl_delta_pct"] == 4.0  # W8A8's is 2.0: see INTEGER_PARITY_W4
     assert onnx_program["weights"] == f"int4 groups of {GROUP} in 8 matmuls, int8 per output channel in 1 matmul; embedding int8 per row (the LM head table, shared)"
     assert et_program["weights"].startswith(f"int4 XNNPACK 8da4w, group {GROUP}, 8 linears + int8 per channel, XNNPACK 8da8w, 1 linear")
     report = validate_bundle(bundle.root)
