@@ -22,9 +22,15 @@ position's logits), so its speed can be read next to its accuracy.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
+
+# Both programs' attention kernel (llama::custom_sdpa) calls torch's MKL from ExecuTorch's worker threads;
+# OpenMP threads there oversubscribe the pool (pocketlm.runtime.backends.executorch), and export_llm's
+# one-query-per-head decode suffers most. One OpenMP thread, set before torch loads, for both.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from _common import peak_rss_bytes, prompt_ids, rss_bytes, write_json
 
@@ -134,7 +140,7 @@ def main() -> None:
                     ours_runs[who][k].append(v)
     row = {
         "pte": str(args.pte), "made_by": Path(args.made_by).read_text() if args.made_by else None,
-        "file_bytes": Path(args.pte).stat().st_size, "threads": args.threads,
+        "file_bytes": Path(args.pte).stat().st_size, "threads": args.threads, "omp_num_threads": os.environ["OMP_NUM_THREADS"],
         "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "runs": args.runs,
         "max_seq_len": model.max_seq_len, "max_context_len": model.max_context_len, "prefill_chunk": model.chunk,
         "load_s": load_s, "ttft_ms": 1000 * statistics.median(ttft), "prefill_tok_s": statistics.median(prefill),
