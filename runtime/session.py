@@ -1,7 +1,9 @@
 """A conversation's state over one backend: the host schedule plus the program's cache.
 
-Prompts are prefilled chunk by chunk (a prompt longer than the whole cache just evicts as it goes);
-single tokens take the 1-position decode step (from the backend's decode_from position on). Memory and per-token work do not depend on how long
+Prompts are prefilled chunk by chunk (a prompt longer than the whole cache just evicts as it goes),
+through the backend's causal prefill while the cache still fills in order and only the last logits
+are wanted (its causal_until); single tokens take the 1-position decode step (from the backend's
+decode_from position on). Memory and per-token work do not depend on how long
 the conversation has been.
 """
 
@@ -39,7 +41,10 @@ class CachedSession:
             # a backend's single-token method may not serve the first positions (ExecuTorch's: the sinks)
             width = 1 if len(piece) == 1 and self.n_seen >= self.backend.decode_from else chunk
             step = self.schedule.step_inputs(piece, width)
-            logits = self.backend.step(step)[: step.n_valid]
+            if width > 1 and not keep_logits and self.n_seen + width <= self.backend.causal_until:
+                logits = self.backend.prefill_last(step, self.n_seen)[None]  # a prompt needs only its last row
+            else:
+                logits = self.backend.step(step)[: step.n_valid]
             self.schedule.commit(step)
             if keep_logits:
                 outs.append(logits)

@@ -48,6 +48,25 @@ def test_reset_starts_a_fresh_conversation(tiny_bundle, backend):
     assert np.abs(session.feed(STREAM[:20], keep_logits=True) - first).max() < 1e-5
 
 
+def test_executorch_prompts_take_the_causal_prefill_while_the_cache_fills(tiny_bundle):
+    """Prompt turns between decoded tokens: chunks that fit the filling cache go through the
+    program's prefill_causal (only the last row's logits), later ones through the masked prefill;
+    each turn's last logits must equal the reference's."""
+    src, out = tiny_bundle
+    bundle = Bundle.open(out)
+    session = _session(bundle, "executorch")
+    assert session.backend.causal_until == bundle.layout.cache_len == 16
+    starts, prefill_last = [], session.backend.prefill_last
+    session.backend.prefill_last = lambda step, start: starts.append(start) or prefill_last(step, start)
+    ref = reference_session(load_model(src)[0], bundle.layout)
+    fed = 0
+    for turn in [7, 1, 3, 1, 1, 9, 1, 6, 1]:
+        ids = STREAM[fed : fed + turn]
+        fed += turn
+        assert np.abs(session.feed(ids) - ref.feed(ids, keep_logits=True)[-1]).max() < 1e-4, fed
+    assert starts == [0, 5, 8]  # the chunks at 13, 18 and 23 overrun the 16-slot cache: masked
+
+
 def test_onnx_io_follows_the_past_present_convention(tiny_bundle):
     m = onnx.load(str(tiny_bundle[1] / "model.onnx"), load_external_data=False)
     inputs, outputs = [i.name for i in m.graph.input], [o.name for o in m.graph.output]

@@ -176,6 +176,46 @@ def test_the_fused_decode_reading_only_the_filled_slots_matches_the_oracle(tiny,
     assert np.abs(ours - oracle_logits(tiny, STREAM, layout.sink_size, 12)).max() < 1e-4
 
 
+@pytest.mark.parametrize("layout", [LAYOUT, CacheLayout(sink_size=0, window_size=12, chunk=5)], ids=["sinks", "no-sinks"])
+def test_the_causal_prefill_gives_each_prompts_last_logits_while_the_cache_fills_in_order(tiny, layout):
+    """ExecuTorch's prefill_causal form: a prompt chunk while the cache still fills in order attends
+    causally through llama::custom_sdpa over the filled rows and returns only its last real token's
+    logits. Turns of prompts and decoded tokens, through and past the point the ring wraps (where
+    the session must fall back to the masked step): every turn's last logits must be the oracle's."""
+    from pocketlm.runtime.session import CachedSession
+    from pocketlm.runtime.sink_cache import StepInputs, decode_key_count
+    from pocketlm.toolchain.reference import TorchBackend, rope_freq
+
+    class CausalPrefill(TorchBackend):
+        def __init__(self, model, layout):
+            super().__init__(model, layout)
+            self.decode_from, self.causal_until, self.starts = self.program.decode_from(), layout.cache_len, []
+
+        @torch.no_grad()
+        def step(self, inputs: StepInputs) -> np.ndarray:
+            if inputs.tokens.shape[1] > 1:
+                return super().step(inputs)
+            arrays = (*inputs.as_tuple()[:5], inputs.slots, np.array([decode_key_count(inputs)]))
+            return self.program.decode(*[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])[0].numpy()
+
+        @torch.no_grad()
+        def prefill_last(self, inputs: StepInputs, start: int) -> np.ndarray:
+            self.starts.append(start)
+            arrays = (inputs.tokens, inputs.cos_win, inputs.sin_win, inputs.slots, [start], [inputs.n_valid - 1])
+            return self.program.causal(*[torch.as_tensor(np.asarray(a)) for a in arrays])[0, 0].numpy()
+
+    backend = CausalPrefill(tiny, layout)
+    session = CachedSession(backend, layout, rope_freq(tiny))
+    expected = oracle_logits(tiny, STREAM[:40], layout.sink_size, 12)
+    fed = 0
+    for turn in [7, 1, 1, 3, 1, 4, 1, 1, 6, 1, 8, 1, 5]:  # prompts of 3-8 tokens, decoded tokens between
+        last = session.feed(STREAM[fed : fed + turn])
+        fed += turn
+        assert np.abs(last - expected[fed - 1]).max() < 1e-4, (fed, turn)
+    # prompt chunks start at 0, 5 (the 7-token prompt), 9, 13, 19, 26, 31 and 35: causal only while they fit the cache
+    assert fed == 40 and backend.starts == [s for s in (0, 5, 9) if s + layout.chunk <= layout.cache_len]
+
+
 def test_a_single_token_sees_a_prefix_of_the_cache_before_and_after_the_ring_fills():
     from pocketlm.runtime.sink_cache import decode_key_count
 

@@ -29,6 +29,7 @@ def rope_freq(model: Transformer) -> np.ndarray:
 class TorchBackend:
     name = "pytorch"
     decode_from = 0
+    causal_until = 0  # every chunk takes the masked step
 
     def __init__(self, model: Transformer, layout: CacheLayout):
         self.program = SinkCacheProgram(model, layout).eval()

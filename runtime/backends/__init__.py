@@ -15,9 +15,15 @@ NAMES = ("onnx", "executorch")
 class Backend(Protocol):
     name: str
     decode_from: int  # the first position its single-token step serves; earlier single tokens go as a chunk
+    causal_until: int  # prefill_last serves chunks ending by this position (0: it has none)
 
     def step(self, inputs: StepInputs) -> np.ndarray:
         """Run one step (1 or `chunk` positions), update the cache, return float32 logits [P, vocab]."""
+
+    def prefill_last(self, inputs: StepInputs, start: int) -> np.ndarray:
+        """A `chunk`-position step starting at position `start` while the cache still fills in order
+        (start + chunk <= causal_until); updates the cache like step() and returns only the last real
+        token's logits [vocab]. Backends with causal_until = 0 never get this call."""
 
     def reset(self) -> None:
         """Empty the cache for a new conversation."""

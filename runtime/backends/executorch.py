@@ -15,6 +15,9 @@ The decode method attends through ExecuTorch's fused attention (llama::custom_sd
 ships in the executorch package as a library this backend loads) over the first n cache slots
 (sink_cache.decode_key_count), so it takes no mask; it handles positions from the program's
 get_decode_from on (past the sinks), and the session sends earlier tokens through the prefill method.
+A prompt's chunks go through prefill_causal while the cache still fills in order (positions below
+get_cache_len): causal attention through the same kernel over the filled rows, and the LM head on
+the last token only; the masked prefill serves the rest (a wrapped ring, perplexity's every-row logits).
 """
 
 from __future__ import annotations
@@ -93,6 +96,9 @@ class ExecuTorchBackend:
         # decoded from the first position past the sinks
         first = "get_decode_from" if "get_decode_from" in et_program.method_names else "get_sink_size"
         self.decode_from = self._constant(et_program, first)
+        # programs before prefill_causal send every chunk through the masked prefill
+        self.causal = et_program.load_method("prefill_causal") if "prefill_causal" in et_program.method_names else None
+        self.causal_until = self._constant(et_program, "get_cache_len") if self.causal else 0
 
     def reset(self) -> None:
         """Nothing to clear: the host masks every slot this conversation has not written (finite
@@ -109,3 +115,9 @@ class ExecuTorchBackend:
             arrays = (*arrays[:5], arrays[6], np.array([decode_key_count(inputs)], np.int64))
         args = [self._torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         return self.methods[inputs.tokens.shape[1]].execute(args)[0][0].numpy()
+
+    def prefill_last(self, inputs: StepInputs, start: int) -> np.ndarray:
+        arrays = (inputs.tokens, inputs.cos_win, inputs.sin_win, inputs.slots, np.array([start], np.int64),
+                  np.array([inputs.n_valid - 1], np.int64))
+        args = [self._torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        return self.causal.execute(args)[0][0, 0].numpy()

@@ -30,6 +30,7 @@ def present_names(n_layers: int) -> list[str]:
 class OnnxBackend:
     name = "onnx"
     decode_from = 0
+    causal_until = 0  # every chunk takes the masked step
 
     def __init__(self, path: Path, cache_shapes, threads: int = 2, program: dict | None = None):
         import onnxruntime as ort

@@ -3,10 +3,12 @@
 The cache lives inside the program as mutable buffers updated in place (index_copy_ + the reinplace
 pass), laid out [1, L, n_kv_heads, hd]. Shapes are static: a `prefill` method takes `chunk`
 positions (the masked step: the chunk's K/V appended for the step and written after, since a
-chunk's later tokens evict slots its earlier ones still see) and a `decode` method takes 1 token
-past the sinks (from get_decode_from) through ExecuTorch's fused attention (llama::custom_sdpa) over
-the filled cache rows only, with no mask (model.sink_cache.decode_attention); both share the cache
-buffers. Constant
+chunk's later tokens evict slots its earlier ones still see), a `prefill_causal` method takes
+`chunk` positions while the cache still fills in order and returns the last real token's logits
+(causal attention through ExecuTorch's fused attention, llama::custom_sdpa, over the filled rows:
+model.sink_cache.causal_attention), and a `decode` method takes 1 token past the sinks (from
+get_decode_from) through the same kernel over the filled cache rows only, with no mask
+(model.sink_cache.decode_attention); all three share the cache buffers. Constant
 methods carry what a runner needs without a manifest (capacity, chunk, vocab, stop id).
 
 Measured on SmolLM2-135M int4 (2 threads, alternating rounds in one process; bench/decode_forms.py):
@@ -29,15 +31,18 @@ from ..model.sink_cache import ProgramMethod, SinkCacheProgram
 from ..model.transformer import Transformer
 
 
-PREFILL, DECODE = "prefill", "decode"
+PREFILL, CAUSAL_PREFILL, DECODE = "prefill", "prefill_causal", "decode"
 
 
 def example_inputs(model: Transformer, layout: CacheLayout, method: str):
-    """prefill: tokens [1, chunk], 4 RoPE tables, mask, slots; decode: tokens [1, 1], 4 RoPE tables,
-    slots, n_keys (how many cache rows the token attends to)."""
+    """prefill: tokens [1, chunk], 4 RoPE tables, mask, slots; prefill_causal: tokens [1, chunk], cos,
+    sin, slots, start (the chunk's first position), last (the row whose logits it returns); decode:
+    tokens [1, 1], 4 RoPE tables, slots, n_keys (how many cache rows the token attends to)."""
     hd = model.config.head_dim
     t = 1 if method == DECODE else layout.chunk
     rope = [torch.ones(t, hd) for _ in range(4)]
+    if method == CAUSAL_PREFILL:
+        return (torch.zeros(1, t, dtype=torch.long), *rope[:2], torch.arange(t), torch.tensor([0]), torch.tensor([t - 1]))
     if method == DECODE:
         return (torch.zeros(1, 1, dtype=torch.long), *rope, torch.tensor([layout.sink_size]),
                 torch.tensor([layout.sink_size + 1]))
@@ -78,11 +83,11 @@ def export_executorch(model: Transformer, layout: CacheLayout, path: Path, stop_
         constants["get_eos_id"] = stop_ids[0]
     methods = {}
     with torch.no_grad():
-        for name, method in ((PREFILL, "forward"), (DECODE, "decode")):
+        for name, method in ((PREFILL, "forward"), (CAUSAL_PREFILL, "causal"), (DECODE, "decode")):
             module = ProgramMethod(program, method)
             methods[name] = torch.export.export(module, example_inputs(model, layout, name), strict=False)
         edge = to_edge_transform_and_lower(methods, partitioner=[XnnpackPartitioner()], constant_methods=constants)
-        planning = MemoryPlanningPass(share_mutable_buffers=True)  # one cache for both methods
+        planning = MemoryPlanningPass(share_mutable_buffers=True)  # one cache for all methods
         et = edge.to_executorch(ExecutorchBackendConfig(run_reinplace_pass=True, memory_planning_pass=planning))
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:

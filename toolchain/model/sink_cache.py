@@ -6,7 +6,8 @@ its in-cache position for the sinks). Two wrappers:
 - SinkCacheProgram keeps the cache in buffers updated in place (the ExecuTorch program and the
   eager PyTorch reference); its decode form reads only the filled cache rows through ExecuTorch's
   fused attention (each KV head's query group as one block of rows), with the sinks re-rotated
-  instead of a second query rotation;
+  instead of a second query rotation, and its causal form serves prompt chunks while the cache
+  still fills in order through the same kernel;
 - SinkCacheStateless takes the cache as inputs and returns only the new K/V (the ONNX program; the
   host writes them into its ring, so no step copies the whole cache).
 """
@@ -110,12 +111,33 @@ def decode_attention(attn: Attention, x, cos_win, sin_win, cos_d, sin_d, k_cache
     return attn.o_proj(out.transpose(1, 2).reshape(1, 1, attn.n_heads * hd))
 
 
-def _layers_forward(model: Transformer, tokens, attention) -> torch.Tensor:
-    """Embedding, then per layer x += attention(i, layer, norm(x)) and the MLP, then the head."""
+def causal_attention(attn: Attention, x, cos, sin, k_cache, v_cache, sink_keys, slots, sink_rows, start_pos):
+    """A chunk while the cache still fills in order (start_pos + P <= cache_len): every token sits at
+    its true position, sinks included, so plain causal attention over cache rows 0..start_pos + i is
+    exactly the masked step's answer. The chunk's K/V go into their slots first (padding into the
+    trash slot, past every row a real query reads), then llama::custom_sdpa reads the filled rows
+    only, with the model's own GQA (no expanded cache, no copies of it). k_cache's sink rows are as
+    stored: decode re-rotates them by d = true - in-cache position, which is 0 until the ring wraps."""
+    n_heads, hd, p = attn.n_heads, attn.head_dim, x.shape[1]
+    q, k, v = attn.project_qkv(x)
+    q = apply_rope(q, cos, sin).transpose(1, 2)  # [1, P, n_heads, hd]
+    k_new = apply_rope(k, cos, sin).transpose(1, 2)  # [1, P, n_kv, hd], at their true positions
+    sink_keys.index_copy_(1, sink_rows, k_new)
+    k_cache.index_copy_(1, slots, k_new)
+    v_cache.index_copy_(1, slots, v.transpose(1, 2))
+    out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start_pos, None, 0.0, True, None)
+    return attn.o_proj(out.reshape(1, p, n_heads * hd))
+
+
+def _layers_forward(model: Transformer, tokens, attention, rows=None) -> torch.Tensor:
+    """Embedding, then per layer x += attention(i, layer, norm(x)) and the MLP, then the head (on the
+    given rows of the sequence only, when given)."""
     x = model.model.embed_tokens(tokens)
     for i, layer in enumerate(model.model.layers):
         x = x + attention(i, layer.self_attn, layer.input_layernorm(x))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
+    if rows is not None:
+        x = x.index_select(1, rows)
     return model.lm_head(model.model.norm(x)).float()
 
 
@@ -132,7 +154,10 @@ class SinkCacheProgram(nn.Module):
     forward(tokens, cos_win, sin_win, cos_sink, sin_sink, mask, slots) -> logits [1, P, vocab] is a
     step of any P (chunk_attention). decode(tokens, cos_win, sin_win, cos_sink, sin_sink, slots,
     n_keys) is the single-token form for positions >= S (decode_attention): no mask, and attention
-    reads n_keys cache rows, not the whole cache, for positions from decode_from() on."""
+    reads n_keys cache rows, not the whole cache, for positions from decode_from() on.
+    causal(tokens, cos, sin, slots, start, last) is a chunk at positions start.. while the cache still
+    fills in order (causal_attention), returning only row `last`'s logits [1, 1, vocab]: what a
+    prompt needs, without the masked step's whole-cache attention or P rows of the LM head."""
 
     def __init__(self, model: Transformer, layout: CacheLayout):
         super().__init__()
@@ -168,6 +193,16 @@ class SinkCacheProgram(nn.Module):
             sink_keys.index_copy_(1, sink_rows, k_new)
         return logits
 
+    def causal(self, tokens, cos, sin, slots, start, last):
+        load_fused_attention()
+        s, p = self.layout.sink_size, tokens.shape[1]
+        start_pos = start[0].item()
+        torch._check(start_pos >= 0)
+        torch._check(start_pos + p <= self.layout.cache_len)
+        sink_rows = torch.clamp(slots, max=s)  # non-sink positions land in sink_keys' trash row
+        return _layers_forward(self.model, tokens, lambda i, attn, x: causal_attention(
+            attn, x, cos, sin, *self.buffers_of(i), slots, sink_rows, start_pos), rows=last)
+
     def decode_from(self) -> int:
         """The first position decode serves: past the sinks (earlier tokens write them, which prefill
         does), and far enough in that every layer's query group fits before it (decode_attention)."""
@@ -189,13 +224,13 @@ class SinkCacheProgram(nn.Module):
 
 
 class ProgramMethod(nn.Module):
-    """One method of a SinkCacheProgram ("forward" or "decode") as a module to export. Both methods
+    """One method of a SinkCacheProgram ("forward", "causal" or "decode") as a module to export. Both methods
     reach the buffers under the same names (program.k_cache_0, ...), so the exported program shares
     one cache between them."""
 
     def __init__(self, program: SinkCacheProgram, method: str):
         super().__init__()
-        if method == "decode":
+        if method in ("decode", "causal"):
             load_fused_attention()
         self.program, self.method = program, method
 
