@@ -65,6 +65,12 @@ def test_executorch_prompts_take_the_causal_prefill_while_the_cache_fills(tiny_b
         fed += turn
         assert np.abs(session.feed(ids) - ref.feed(ids, keep_logits=True)[-1]).max() < 1e-4, fed
     assert starts == [0, 5, 8]  # the chunks at 13, 18 and 23 overrun the 16-slot cache: masked
+    # a new conversation over the wrapped ring's leftovers (reset clears nothing in the program)
+    session.reset()
+    fresh = reference_session(load_model(src)[0], bundle.layout)
+    for ids in (STREAM[40:43], [STREAM[43]], STREAM[44:52]):
+        assert np.abs(session.feed(ids) - fresh.feed(ids, keep_logits=True)[-1]).max() < 1e-4
+    assert starts == [0, 5, 8, 0, 3, 4, 9]  # the token at 3 precedes decode_from (4): a chunk
 
 
 def test_onnx_io_follows_the_past_present_convention(tiny_bundle):
