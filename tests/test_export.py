@@ -64,6 +64,8 @@ def test_executorch_prompts_take_the_causal_prefill_while_the_cache_fills(tiny_b
         ids = STREAM[fed : fed + turn]
         fed += turn
         assert np.abs(session.feed(ids) - ref.feed(ids, keep_logits=True)[-1]).max() < 1e-4, fed
+        # the masked prefill (its own packed weights) is loaded only once a chunk needs it
+        assert (bundle.layout.chunk in session.backend.methods) == (fed > 13), fed
     assert starts == [0, 5, 8]  # the chunks at 13, 18 and 23 overrun the 16-slot cache: masked
     # a new conversation over the wrapped ring's leftovers (reset clears nothing in the program)
     session.reset()

@@ -89,9 +89,10 @@ class ExecuTorchBackend:
         load_fused_attention_kernels()
         load_quantized_embedding_kernels()
         et_program = Runtime.get().load_program(self.path, verification=Verification.Minimal)
-        # both methods come from one Program, so they share its memory-planned cache buffers
+        # the methods come from one Program, so they share its memory-planned cache buffers
+        self._program = et_program
         self.methods = {1: et_program.load_method("decode")}
-        self.methods[self._constant(et_program, "get_prefill_chunk")] = et_program.load_method("prefill")
+        self.chunk = self._constant(et_program, "get_prefill_chunk")
         # earlier tokens go through prefill (they write the sinks); programs before get_decode_from
         # decoded from the first position past the sinks
         first = "get_decode_from" if "get_decode_from" in et_program.method_names else "get_sink_size"
@@ -99,6 +100,16 @@ class ExecuTorchBackend:
         # programs before prefill_causal send every chunk through the masked prefill
         self.causal = et_program.load_method("prefill_causal") if "prefill_causal" in et_program.method_names else None
         self.causal_until = self._constant(et_program, "get_cache_len") if self.causal else 0
+        if not self.causal:
+            self._masked_prefill()
+
+    def _masked_prefill(self):
+        """Loaded on first use: each loaded method's XNNPACK delegates hold their own packed weights
+        (int4 SmolLM2: +58 MB peak RSS for a third method), and a conversation that never wraps the
+        ring, nor asks for every row's logits, never needs it."""
+        if self.chunk not in self.methods:
+            self.methods[self.chunk] = self._program.load_method("prefill")
+        return self.methods[self.chunk]
 
     def reset(self) -> None:
         """Nothing to clear: the host masks every slot this conversation has not written (finite
@@ -114,7 +125,8 @@ class ExecuTorchBackend:
         if inputs.tokens.shape[1] == 1:  # decode: (tokens, 4 RoPE tables, slots, n_keys), no mask
             arrays = (*arrays[:5], arrays[6], np.array([decode_key_count(inputs)], np.int64))
         args = [self._torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
-        return self.methods[inputs.tokens.shape[1]].execute(args)[0][0].numpy()
+        method = self.methods[1] if inputs.tokens.shape[1] == 1 else self._masked_prefill()
+        return method.execute(args)[0][0].numpy()
 
     def prefill_last(self, inputs: StepInputs, start: int) -> np.ndarray:
         arrays = (inputs.tokens, inputs.cos_win, inputs.sin_win, inputs.slots, np.array([start], np.int64),
