@@ -7,10 +7,11 @@ import torch
 
 from pocketlm.runtime import rope as np_rope
 from pocketlm.runtime.errors import PocketLMError
-from pocketlm.runtime.sink_cache import CacheLayout, SinkWindowSchedule
+from pocketlm.runtime.session import CachedSession
+from pocketlm.runtime.sink_cache import CacheLayout, SinkWindowSchedule, StepInputs, decode_key_count
 from pocketlm.toolchain.model import convert, surgery
 from pocketlm.toolchain.model import rope
-from pocketlm.toolchain.reference import reference_session
+from pocketlm.toolchain.reference import TorchBackend, reference_session, rope_freq
 
 from conftest import TINY_VOCAB, tiny_hf_model
 
@@ -145,6 +146,35 @@ def test_bad_layouts_are_refused():
         reference_session(convert.from_hf_model(tiny_hf_model()), LAYOUT).feed([])
 
 
+class FusedDecode(TorchBackend):
+    """The ExecuTorch program's decode method, run eagerly: single tokens from decode_from on."""
+
+    def __init__(self, model, layout):
+        super().__init__(model, layout)
+        self.decode_from = self.program.decode_from()
+
+    @torch.no_grad()
+    def step(self, inputs: StepInputs) -> np.ndarray:
+        if inputs.tokens.shape[1] > 1:
+            return super().step(inputs)
+        arrays = (*inputs.as_tuple()[:5], inputs.slots, np.array([decode_key_count(inputs)]))
+        return self.program.decode(*[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])[0].numpy()
+
+
+class CausalPrefill(FusedDecode):
+    """...and its prefill_causal method, recording each chunk's start."""
+
+    def __init__(self, model, layout):
+        super().__init__(model, layout)
+        self.causal_until, self.starts = layout.cache_len, []
+
+    @torch.no_grad()
+    def prefill_last(self, inputs: StepInputs, start: int) -> np.ndarray:
+        self.starts.append(start)
+        arrays = (inputs.tokens, inputs.cos_win, inputs.sin_win, inputs.slots, [start], [inputs.n_valid - 1])
+        return self.program.causal(*[torch.as_tensor(np.asarray(a)) for a in arrays])[0, 0].numpy()
+
+
 @pytest.mark.parametrize("layout", [LAYOUT, CacheLayout(sink_size=0, window_size=12, chunk=5)], ids=["sinks", "no-sinks"])
 def test_the_fused_decode_reading_only_the_filled_slots_matches_the_oracle(tiny, layout):
     """ExecuTorch's decode form: a single token past the sinks attends through llama::custom_sdpa to
@@ -153,22 +183,6 @@ def test_the_fused_decode_reading_only_the_filled_slots_matches_the_oracle(tiny,
     tokens as chunks (with no sinks, the first group - 1 = 2). Slot by slot it must see what the
     oracle sees, before and after the ring fills, and chunks after decodes still read the sinks as
     stored."""
-    from pocketlm.runtime.session import CachedSession
-    from pocketlm.runtime.sink_cache import StepInputs, decode_key_count
-    from pocketlm.toolchain.reference import TorchBackend, rope_freq
-
-    class FusedDecode(TorchBackend):
-        def __init__(self, model, layout):
-            super().__init__(model, layout)
-            self.decode_from = self.program.decode_from()
-
-        @torch.no_grad()
-        def step(self, inputs: StepInputs) -> np.ndarray:
-            if inputs.tokens.shape[1] > 1:
-                return super().step(inputs)
-            arrays = (*inputs.as_tuple()[:5], inputs.slots, np.array([decode_key_count(inputs)]))
-            return self.program.decode(*[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])[0].numpy()
-
     backend = FusedDecode(tiny, layout)
     assert backend.decode_from == max(layout.sink_size, 2)  # the tiny model's GQA group is 3
     session = CachedSession(backend, layout, rope_freq(tiny))
@@ -182,28 +196,6 @@ def test_the_causal_prefill_gives_each_prompts_last_logits_while_the_cache_fills
     causally through llama::custom_sdpa over the filled rows and returns only its last real token's
     logits. Turns of prompts and decoded tokens, through and past the point the ring wraps (where
     the session must fall back to the masked step): every turn's last logits must be the oracle's."""
-    from pocketlm.runtime.session import CachedSession
-    from pocketlm.runtime.sink_cache import StepInputs, decode_key_count
-    from pocketlm.toolchain.reference import TorchBackend, rope_freq
-
-    class CausalPrefill(TorchBackend):
-        def __init__(self, model, layout):
-            super().__init__(model, layout)
-            self.decode_from, self.causal_until, self.starts = self.program.decode_from(), layout.cache_len, []
-
-        @torch.no_grad()
-        def step(self, inputs: StepInputs) -> np.ndarray:
-            if inputs.tokens.shape[1] > 1:
-                return super().step(inputs)
-            arrays = (*inputs.as_tuple()[:5], inputs.slots, np.array([decode_key_count(inputs)]))
-            return self.program.decode(*[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])[0].numpy()
-
-        @torch.no_grad()
-        def prefill_last(self, inputs: StepInputs, start: int) -> np.ndarray:
-            self.starts.append(start)
-            arrays = (inputs.tokens, inputs.cos_win, inputs.sin_win, inputs.slots, [start], [inputs.n_valid - 1])
-            return self.program.causal(*[torch.as_tensor(np.asarray(a)) for a in arrays])[0, 0].numpy()
-
     backend = CausalPrefill(tiny, layout)
     session = CachedSession(backend, layout, rope_freq(tiny))
     expected = oracle_logits(tiny, STREAM[:40], layout.sink_size, 12)
@@ -217,7 +209,6 @@ def test_the_causal_prefill_gives_each_prompts_last_logits_while_the_cache_fills
 
 
 def test_a_single_token_sees_a_prefix_of_the_cache_before_and_after_the_ring_fills():
-    from pocketlm.runtime.sink_cache import decode_key_count
 
     schedule = SinkWindowSchedule(LAYOUT, np_rope.inv_freq(8, 10000.0))
     counts = []
