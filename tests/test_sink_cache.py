@@ -209,7 +209,6 @@ def test_the_causal_prefill_gives_each_prompts_last_logits_while_the_cache_fills
 
 
 def test_a_single_token_sees_a_prefix_of_the_cache_before_and_after_the_ring_fills():
-
     schedule = SinkWindowSchedule(LAYOUT, np_rope.inv_freq(8, 10000.0))
     counts = []
     for _ in range(40):
