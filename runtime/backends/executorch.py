@@ -100,8 +100,6 @@ class ExecuTorchBackend:
         # programs before prefill_causal send every chunk through the masked prefill
         self.causal = et_program.load_method("prefill_causal") if "prefill_causal" in et_program.method_names else None
         self.causal_until = self._constant(et_program, "get_cache_len") if self.causal else 0
-        if not self.causal:
-            self._masked_prefill()
 
     def _masked_prefill(self):
         """Loaded on first use: each loaded method's XNNPACK delegates hold their own packed weights
@@ -124,12 +122,13 @@ class ExecuTorchBackend:
         arrays = inputs.as_tuple()
         if inputs.tokens.shape[1] == 1:  # decode: (tokens, 4 RoPE tables, slots, n_keys), no mask
             arrays = (*arrays[:5], arrays[6], np.array([decode_key_count(inputs)], np.int64))
-        args = [self._torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         method = self.methods[1] if inputs.tokens.shape[1] == 1 else self._masked_prefill()
-        return method.execute(args)[0][0].numpy()
+        return method.execute(self._tensors(arrays))[0][0].numpy()
 
     def prefill_last(self, inputs: StepInputs, start: int) -> np.ndarray:
         arrays = (inputs.tokens, inputs.cos_win, inputs.sin_win, inputs.slots, np.array([start], np.int64),
                   np.array([inputs.n_valid - 1], np.int64))
-        args = [self._torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
-        return self.causal.execute(args)[0][0, 0].numpy()
+        return self.causal.execute(self._tensors(arrays))[0][0, 0].numpy()
+
+    def _tensors(self, arrays) -> list:
+        return [self._torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]

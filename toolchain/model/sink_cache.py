@@ -224,9 +224,9 @@ class SinkCacheProgram(nn.Module):
 
 
 class ProgramMethod(nn.Module):
-    """One method of a SinkCacheProgram ("forward", "causal" or "decode") as a module to export. Both methods
-    reach the buffers under the same names (program.k_cache_0, ...), so the exported program shares
-    one cache between them."""
+    """One method of a SinkCacheProgram ("forward", "causal" or "decode") as a module to export. All
+    methods reach the buffers under the same names (program.k_cache_0, ...), so the exported program
+    shares one cache between them."""
 
     def __init__(self, program: SinkCacheProgram, method: str):
         super().__init__()
