@@ -81,6 +81,8 @@ class SinkWindowSchedule:
     def __init__(self, layout: CacheLayout, freq: np.ndarray):
         self.layout = layout
         self.freq = freq
+        # a query's in-cache position is one of the cache_len positions: its rotation is looked up
+        self.cache_rope = rope.cos_sin(freq, np.arange(layout.cache_len))
         self.reset()
 
     def reset(self) -> None:
@@ -125,15 +127,22 @@ class SinkWindowSchedule:
         return StepInputs(tokens, cos_win, sin_win, cos_sink, sin_sink, mask, slots, n)
 
     def _decode_inputs(self, token: int) -> StepInputs:
-        """step_inputs for one token, on the generation hot path: the same arrays without the chunk's
-        padding and causal bookkeeping."""
-        s, w, pos = self.layout.sink_size, self.layout.window_size, self.n_seen
-        cos, sin = rope.cos_sin(self.freq, [pos, self.cache_position(pos)])
-        old = self.slot_pos
-        visible = np.append((old >= 0) & ((old < s) | (old > pos - w)), True)
-        mask = np.where(visible, np.float32(0.0), np.float32(MASKED))[None, :]
-        return StepInputs(np.array([[token]], np.int64), cos[:1], sin[:1], cos[1:], sin[1:], mask,
-                          np.array([self.slot_of(pos)], np.int64), 1)
+        """step_inputs for one token, on the generation hot path (every line here runs between two
+        program calls, with the caches cold): the same arrays, from the closed form of the mask.
+        Slots fill in order, so before the ring wraps the token sees slots 0..pos-1; after it, every
+        slot but the one it evicts (it holds pos - W, which has just left the window)."""
+        c, pos = self.layout.cache_len, self.n_seen
+        cos, sin = rope.cos_sin(self.freq, (pos,))
+        at = self.cache_position(pos)
+        cos_cache, sin_cache = self.cache_rope
+        slot = self.slot_of(pos)
+        mask = np.full((1, self.layout.physical_len + 1), np.float32(MASKED))
+        mask[0, : min(pos, c)] = 0.0
+        if pos >= c:
+            mask[0, slot] = MASKED
+        mask[0, -1] = 0.0  # the token itself
+        return StepInputs(np.array([[token]], np.int64), cos, sin, cos_cache[at : at + 1], sin_cache[at : at + 1],
+                          mask, np.array([slot], np.int64), 1)
 
     def commit(self, step: StepInputs) -> None:
         """Record that the program wrote the step's valid tokens into their slots."""
