@@ -1,7 +1,8 @@
 """Perplexity cost of each LM head choice (SmolLM2's head is the tied embedding, 21% of the parameters,
 and decode reads all of it every token): float, int8 per output channel, or the scheme's int4 groups,
 on w4-rtn and w4-awq at one group size (pocketlm eval protocol, default text). The AWQ search runs once
-and is re-applied for the other heads, so only the head differs between AWQ rows.
+and is re-applied for the other heads, so only the head differs between AWQ rows; under w4-awq the int4
+head is clipped by that search (toolchain/quant/awq.py, step 4), under w4-rtn it is rounded to nearest.
 Usage: python bench/head_ppl.py [--group-size 64] [--max-tokens 16384] [--keep DIR] [--out FILE]"""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from _common import write_json
 
 from pocketlm.toolchain.evaluate import evaluate_perplexity
+from pocketlm.toolchain.quant.awq import AwqConfig
 from pocketlm.toolchain.quantize import quantize_source
 
 HEADS = ("float", "int8", "same")
@@ -56,8 +58,9 @@ def main() -> None:
         awq_results = None
         for head in HEADS:
             t0 = time.perf_counter()
+            # the one AWQ search also clips the head (AwqConfig.head), which only the int4 head uses
             folder = quantize_source(args.source, root / f"{scheme}-g{g}-{head}", scheme=scheme, group_size=g, head=head,
-                                     awq_results=awq_results)
+                                     awq_results=awq_results, awq_config=AwqConfig(head=True))
             seconds = time.perf_counter() - t0
             if scheme == "w4-awq" and awq_results is None:
                 awq_results = folder / "awq.json"

@@ -116,12 +116,12 @@ def real_bundle(real, tmp_path_factory):
 def real_awq_g64(real, tmp_path_factory):
     """The default model quantized w4-awq g64 with the int8 head (the fast bundle's weights) and CI's
     cheaper AWQ search, once per session; its awq.json re-applies to w4a8-int (both search on the float
-    model), so the search is paid once."""
+    model) and to an int4 head (the search clips the head too), so the search is paid once."""
     from pocketlm.toolchain.quant.awq import AwqConfig
     from pocketlm.toolchain.quantize import quantize_source
 
     # cheaper than the default search (which the benchmark uses), so the suite stays fast
-    ci_awq = AwqConfig(n_grid=10, clip_grid=10, search_tokens=1024, gram_tokens=2048)
+    ci_awq = AwqConfig(n_grid=10, clip_grid=10, search_tokens=1024, gram_tokens=2048, head=True)
     return quantize_source(real.source, tmp_path_factory.mktemp("awq") / "w4-awq", scheme="w4-awq", group_size=64,
                            head="int8", awq_config=ci_awq, calib_seqs=4)
 

@@ -145,6 +145,33 @@ def test_clip_search_lowers_each_linears_error():
     assert shrunk > 0  # int4 per channel on Gaussian weights: clipping must pay somewhere
 
 
+def test_a_head_on_the_schemes_grid_is_clipped_on_the_final_norms_output():
+    """config.head clips the tied LM head (no scale, which would untie it) against its real input,
+    the final norm's output; quantize_model_ applies the clip only to a head on the scheme's grid."""
+    model = tiny()
+    assert "lm_head" not in awq_search(model, CALIB, INT4).clip  # an int8 or float head has nothing to use it for
+    result = awq_search(model, CALIB, INT4, AwqConfig(head=True))
+    ratios = result.clip_ratios("lm_head")
+    w = model.lm_head.weight
+    assert ratios.shape == (w.shape[0], w.shape[1] // 16) and (ratios < 1).any()
+    inputs = []
+    hook = model.model.norm.register_forward_hook(lambda m, a, o: inputs.append(o.reshape(-1, o.shape[-1])))
+    with torch.no_grad():
+        model(CALIB)
+    hook.remove()
+    x = inputs[0]
+    clipped = (x @ (fake_quant(w, INT4, clip=ratios) - w).T).pow(2).sum()
+    plain = (x @ (fake_quant(w, INT4) - w).T).pow(2).sum()
+    assert clipped < plain
+
+    same = apply_awq(copy.deepcopy(model), result)
+    expected = fake_quant(same.lm_head.weight, INT4, clip=ratios)
+    d = quantize_model_(same, INT4, awq=result, head="same")
+    assert "clip" in d["lm_head"] and d["lm_head"]["tied_to"] == "model.embed_tokens"
+    assert same.model.embed_tokens.weight is same.lm_head.weight and torch.equal(same.lm_head.weight, expected)
+    assert "clip" not in quantize_model_(copy.deepcopy(model), INT4, awq=result, head="int8")["lm_head"]
+
+
 def test_serialised_result_reproduces_identical_weights(tmp_path):
     model = tiny()
     calib = [tokens(3, batch=4, seq=32), tokens(4, batch=2, seq=20)]  # batches of different lengths

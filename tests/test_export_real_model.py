@@ -65,9 +65,15 @@ def test_exported_logits_match_the_reference_while_the_ring_wraps(real_bundle, r
 def test_exported_greedy_tokens_equal_the_reference_for_256_new_tokens(real_bundle, chat_prompt, reference_greedy, backend):
     gen = Generator(real_bundle, backend)
     gen.stop_ids = set()  # all 256 tokens, even past the end of the answer
+    starts, prefill_last = [], getattr(gen.session.backend, "prefill_last", None)  # ONNX: never called
+    gen.session.backend.prefill_last = lambda step, start: starts.append(start) or prefill_last(step, start)
     out = gen.generate(chat_prompt, max_new_tokens=NEW_TOKENS)
     assert len(chat_prompt) + NEW_TOKENS > 4 * 64  # the ring wrapped several times
     assert out.tokens == reference_greedy
+    # the prompt fits the 64-slot cache: on ExecuTorch each of its chunks took prefill_causal
+    assert len(chat_prompt) <= 64
+    chunk = Bundle.open(real_bundle).layout.chunk
+    assert starts == ([s for s in range(0, len(chat_prompt), chunk) if len(chat_prompt) - s > 1] if backend == "executorch" else [])
 
 
 def test_within_capacity_the_reference_equals_hugging_face_dense_cache(real, stream):

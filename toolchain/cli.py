@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asymmetric", action="store_true", help="asymmetric groups (zero points) instead of symmetric")
     p.add_argument("--head", default=None, choices=["float", "int8", "same"],
                    help="the LM head (tied to the embedding in SmolLM2): int8 per output channel (default), float, or the "
-                        "scheme's own (int4 groups); w8a8-int and w4a8-int always make it int8, w2-ternary keeps it float")
+                        "scheme's own (int4 groups; w4-awq also searches its clipping); w8a8-int and w4a8-int always make it int8, w2-ternary keeps it float")
     p.add_argument("--calib", default=None, help="UTF-8 calibration text (default: the calib split of the default prose)")
     p.add_argument("--awq-results", default=None, help="re-apply a saved AWQ search (awq.json) instead of searching")
     p.add_argument("--qat-steps", type=int, default=0, help="quantization-aware training steps first (distilled from the float model)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,8 +143,11 @@ def quantize_source(
         else:
             tokens = calibration_tokens(src.path, calib, n_seqs=calib_seqs)
             print(f"AWQ search: {spec.describe()}, {tokens.numel()} calibration tokens, {model.config.n_layers} layers", flush=True)
+            config = awq_config or AwqConfig()
+            if head == "same":  # the head takes the scheme's grid: its clipping is searched too
+                config = dataclasses.replace(config, head=True)
             with torch.no_grad():
-                awq = awq_search(model, tokens, spec, awq_config)
+                awq = awq_search(model, tokens, spec, config)
     qat = None
     if qat_steps:
         import copy
