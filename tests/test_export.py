@@ -83,6 +83,23 @@ def test_onnx_io_follows_the_past_present_convention(tiny_bundle):
     assert (tiny_bundle[1] / "model.onnx.data").exists()
 
 
+def test_the_onnx_step_reads_the_cache_without_copying_it_and_its_norms_fuse(tiny_bundle, tmp_path):
+    """No node joins or transposes a past cache input (each would copy the whole cache every step);
+    ONNX Runtime fuses every RMSNorm into one SimplifiedLayerNormalization when it loads the graph."""
+    import onnxruntime as ort
+
+    m = onnx.load(str(tiny_bundle[1] / "model.onnx"), load_external_data=False)
+    past = {i.name for i in m.graph.input if i.name.startswith("past_key_values.")}
+    readers = [n.op_type for n in m.graph.node for i in n.input if i in past]
+    assert readers and not {"Concat", "Transpose"} & set(readers), readers
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tiny_bundle[1] / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    fused = [n for n in onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node
+             if n.op_type == "SimplifiedLayerNormalization"]
+    assert len(fused) == 2 * 2 + 1  # two layers' two norms and the final one
+
+
 def test_bundle_holds_programs_tokenizer_and_manifest(tiny_bundle):
     bundle = Bundle.open(tiny_bundle[1])
     assert bundle.backends == ["executorch", "onnx"]

@@ -228,3 +228,47 @@ def test_a_single_token_step_gets_the_same_inputs_as_the_first_row_of_a_chunk():
         assert np.array_equal(one.mask, chunk.mask[:1, : LAYOUT.physical_len + 1]) and one.mask.dtype == np.float32
         assert one.tokens.tolist() == [[7]] and one.slots.tolist() == chunk.slots[:1].tolist() and one.n_valid == 1
         schedule.commit(one)
+
+
+class StatelessEager:
+    """The ONNX step module (SinkCacheStateless) run eagerly the way the ONNX backend runs it: the host
+    keeps the cache, passes it in, and writes the returned K/V into their slots."""
+
+    decode_from = causal_until = 0
+
+    def __init__(self, model, layout):
+        from pocketlm.toolchain.model.sink_cache import SinkCacheStateless, cache_shapes
+
+        self.module = SinkCacheStateless(model, layout).eval()
+        self.caches = [torch.zeros(s) for s in cache_shapes(model, layout) for _ in ("key", "value")]
+
+    @torch.no_grad()
+    def step(self, inputs: StepInputs) -> np.ndarray:
+        logits, *new = self.module(*[torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.as_tuple()[:6]], self.caches)
+        for cache, fresh in zip(self.caches, new):
+            cache[:, :, torch.from_numpy(inputs.slots)] = fresh
+        return logits[0].numpy()
+
+    def reset(self) -> None:
+        for cache in self.caches:
+            cache.zero_()
+
+
+@pytest.mark.parametrize("sinks", [4, 0])
+def test_the_onnx_step_module_matches_the_oracle_with_fused_projections_and_fusable_norms(tiny, sinks):
+    """SinkCacheStateless as ONNX export traces it (q|k|v as one linear, the norms ONNX Runtime fuses),
+    over a stream that wraps the ring: scores against the cache and the step's own keys apart."""
+    import copy
+
+    from pocketlm.toolchain.export.onnx_export import FusableRMSNorm, fusable_norms
+    from pocketlm.toolchain.model.fuse import fuse_projections_
+
+    model = copy.deepcopy(tiny)
+    fuse_projections_(model)
+    layout = CacheLayout(sinks, 12, 5)
+    with fusable_norms(model):
+        assert isinstance(model.model.norm, FusableRMSNorm)
+        session = CachedSession(StatelessEager(model, layout), layout, rope_freq(model))
+        ours = feed_in_pieces(session, STREAM[:60], [7, 1, 1, 5])
+    assert not isinstance(model.model.norm, FusableRMSNorm)  # put back
+    assert np.abs(ours - oracle_logits(tiny, STREAM[:60], sinks, 12)).max() < 1e-4

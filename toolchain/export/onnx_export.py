@@ -3,17 +3,46 @@ the prefill chunk), weights in one external data file, checked with the ONNX che
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from pocketlm.runtime.backends.onnx import STEP_INPUTS, past_names, present_names
 from pocketlm.runtime.sink_cache import CacheLayout
 
 from ..model.sink_cache import SinkCacheStateless, cache_shapes
-from ..model.transformer import Transformer
+from ..model.transformer import RMSNorm, Transformer
 
 OPSET = 18
+
+
+class FusableRMSNorm(nn.Module):
+    """RMSNorm written as x / sqrt(mean(x^2) + eps) * w, the pattern ONNX Runtime fuses at load
+    into one SimplifiedLayerNormalization node; the model's own form (x * rsqrt(..) over a 4-D view,
+    which XNNPACK delegates whole) exports as nine nodes that ONNX Runtime leaves as they are."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+@contextmanager
+def fusable_norms(model: Transformer):
+    """The model's RMSNorms swapped for FusableRMSNorm for the duration (the same weights), then put back."""
+    swapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, RMSNorm)]
+    for parent, name, child in swapped:
+        setattr(parent, name, FusableRMSNorm(child))
+    try:
+        yield model
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
 
 
 def example_inputs(model: Transformer, layout: CacheLayout, t: int):
@@ -33,7 +62,7 @@ def export_onnx(model: Transformer, layout: CacheLayout, path: Path) -> Path:
     row = {0: steps}
     dynamic = ({1: steps}, row, row, row, row, {0: steps, 1: steps + layout.physical_len}, [None] * (2 * n))
     wrapper = SinkCacheStateless(model, layout).eval()
-    with torch.no_grad():
+    with torch.no_grad(), fusable_norms(model):
         program = torch.onnx.export(
             wrapper,
             example_inputs(model, layout, max(layout.chunk, 2)),
