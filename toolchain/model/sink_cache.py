@@ -67,8 +67,8 @@ def stateless_attention(attn: Attention, x, cos_win, sin_win, cos_sink, sin_sink
     the step's own tokens). The cache is never joined with the step's K/V, nor transposed: scores
     against the cache (a matmul with a transposed right side, one fused kernel in ONNX Runtime) and
     against the step's keys are computed apart and joined, and the output sums the two products
-    with the values. Joining copied every layer's cache twice on every step (int4 SmolLM2 on ONNX
-    Runtime, 2 threads: decode 112 -> 158 tok/s without it).
+    with the values. Joining copied every layer's cache three times a step (int4 SmolLM2 on ONNX
+    Runtime, 2 threads: decode 107.9 -> 147.4 tok/s without it, bench/results/onnx_step_forms.json).
     Returns (output [1, P, dim], k_new, v_new [1, n_kv_heads, P, hd])."""
     q, k, v = attn.project_qkv(x)
     k_new = apply_rope(k, cos_win, sin_win)  # keys are stored at their true positions
