@@ -25,6 +25,7 @@ from . import rope
 from .errors import PocketLMError
 
 MASKED = -1e9  # finite: a fully masked (padded) row softmaxes to uniform, never NaN
+ROPE_BLOCK = 64  # decode steps take their RoPE rows from a table made for this many positions at once
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class StepInputs:
     mask: np.ndarray  # [P, physical_len + P] float32 additive: old cache slots, then the new tokens
     slots: np.ndarray  # [P] int64: where each new K/V goes (trash slot for padding)
     n_valid: int
+    # single-token steps: how many leading cache slots the token attends to once its K/V are written
+    # (decode_key_count, in closed form), so a fused kernel reads the count without scanning the mask
+    n_keys: int = 0
 
     def as_tuple(self):
         return (self.tokens, self.cos_win, self.sin_win, self.cos_sink, self.sin_sink, self.mask, self.slots)
@@ -83,6 +87,7 @@ class SinkWindowSchedule:
         self.freq = freq
         # a query's in-cache position is one of the cache_len positions: its rotation is looked up
         self.cache_rope = rope.cos_sin(freq, np.arange(layout.cache_len))
+        self._rope_rows = (0, *rope.cos_sin(freq, np.arange(ROPE_BLOCK)))  # (first position, cos, sin)
         self.reset()
 
     def reset(self) -> None:
@@ -128,12 +133,18 @@ class SinkWindowSchedule:
 
     def _decode_inputs(self, token: int) -> StepInputs:
         """step_inputs for one token, on the generation hot path (every line here runs between two
-        program calls, with the caches cold): the same arrays, from the closed form of the mask.
-        Slots fill in order, so before the ring wraps the token sees slots 0..pos-1; after it, every
-        slot but the one it evicts (it holds pos - W, which has just left the window)."""
+        program calls, with the caches cold, at several microseconds a numpy call): the same arrays,
+        from the closed form of the mask. Slots fill in order, so before the ring wraps the token
+        sees slots 0..pos-1; after it, every slot but the one it evicts (it holds pos - W, which has
+        just left the window). RoPE rows are views into tables made ROPE_BLOCK positions at a time."""
         c, pos = self.layout.cache_len, self.n_seen
-        cos, sin = rope.cos_sin(self.freq, (pos,))
-        at = self.cache_position(pos)
+        first, cos, sin = self._rope_rows
+        if not first <= pos < first + ROPE_BLOCK:
+            first = pos
+            self._rope_rows = (first, *rope.cos_sin(self.freq, np.arange(first, first + ROPE_BLOCK)))
+            cos, sin = self._rope_rows[1:]
+        row = pos - first
+        at = min(pos, c - 1)  # cache_position
         cos_cache, sin_cache = self.cache_rope
         slot = self.slot_of(pos)
         mask = np.full((1, self.layout.physical_len + 1), np.float32(MASKED))
@@ -141,18 +152,22 @@ class SinkWindowSchedule:
         if pos >= c:
             mask[0, slot] = MASKED
         mask[0, -1] = 0.0  # the token itself
-        return StepInputs(np.array([[token]], np.int64), cos, sin, cos_cache[at : at + 1], sin_cache[at : at + 1],
-                          mask, np.array([slot], np.int64), 1)
+        return StepInputs(np.array([[token]], np.int64), cos[row : row + 1], sin[row : row + 1], cos_cache[at : at + 1],
+                          sin_cache[at : at + 1], mask, np.array([slot], np.int64), 1, min(pos + 1, c))
 
     def commit(self, step: StepInputs) -> None:
         """Record that the program wrote the step's valid tokens into their slots."""
-        for i in range(step.n_valid):
-            self.slot_pos[step.slots[i]] = self.n_seen + i
-        self.n_seen += step.n_valid
+        n = step.n_valid
+        if n == 1:  # a decode step: one scalar store (the array form costs 10 us more, cache cold)
+            self.slot_pos[int(step.slots[0])] = self.n_seen
+        else:
+            self.slot_pos[step.slots[:n]] = np.arange(self.n_seen, self.n_seen + n)
+        self.n_seen += n
 
 
 def decode_key_count(step: StepInputs) -> int:
-    """How many leading cache slots a single-token step attends to once its K/V are in their slot.
+    """How many leading cache slots a single-token step attends to once its K/V are in their slot,
+    read off its mask (the definition that StepInputs.n_keys is checked against).
     Slots fill in order and, once the ring is full, every slot is visible (the new token's slot held
     exactly the token it evicts), so a token always sees slots 0..n-1: a fused attention kernel
     (ExecuTorch's decode method) reads just those n, not the whole cache."""

@@ -157,7 +157,7 @@ class FusedDecode(TorchBackend):
     def step(self, inputs: StepInputs) -> np.ndarray:
         if inputs.tokens.shape[1] > 1:
             return super().step(inputs)
-        arrays = (*inputs.as_tuple()[:5], inputs.slots, np.array([decode_key_count(inputs)]))
+        arrays = (*inputs.as_tuple()[:5], inputs.slots, np.array([inputs.n_keys]))
         return self.program.decode(*[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])[0].numpy()
 
 
@@ -178,7 +178,7 @@ class CausalPrefill(FusedDecode):
 @pytest.mark.parametrize("layout", [LAYOUT, CacheLayout(sink_size=0, window_size=12, chunk=5)], ids=["sinks", "no-sinks"])
 def test_the_fused_decode_reading_only_the_filled_slots_matches_the_oracle(tiny, layout):
     """ExecuTorch's decode form: a single token past the sinks attends through llama::custom_sdpa to
-    the first decode_key_count(step) cache rows only, each KV head's query group as one block of
+    the first step.n_keys cache rows only, each KV head's query group as one block of
     query rows, the sinks re-rotated instead of a second query rotation; the session sends earlier
     tokens as chunks (with no sinks, the first group - 1 = 2). Slot by slot it must see what the
     oracle sees, before and after the ring fills, and chunks after decodes still read the sinks as
@@ -213,7 +213,8 @@ def test_a_single_token_sees_a_prefix_of_the_cache_before_and_after_the_ring_fil
     counts = []
     for _ in range(40):
         step = schedule.step_inputs([3], 1)
-        counts.append(decode_key_count(step))
+        assert step.n_keys == decode_key_count(step)  # the closed form the backends read, against the mask
+        counts.append(step.n_keys)
         schedule.commit(step)
     assert counts == [min(p + 1, LAYOUT.cache_len) for p in range(40)]
 

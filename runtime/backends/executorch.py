@@ -13,7 +13,7 @@ AVX-512 machine).
 
 The decode method attends through ExecuTorch's fused attention (llama::custom_sdpa, whose kernel
 ships in the executorch package as a library this backend loads) over the first n cache slots
-(sink_cache.decode_key_count), so it takes no mask; it handles positions from the program's
+(StepInputs.n_keys), so it takes no mask; it handles positions from the program's
 get_decode_from on (past the sinks), and the session sends earlier tokens through the prefill method.
 A prompt's chunks go through prefill_causal while the cache still fills in order (positions below
 get_cache_len): causal attention through the same kernel over the filled rows, and the LM head on
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PocketLMError
-from ..sink_cache import StepInputs, decode_key_count
+from ..sink_cache import StepInputs
 
 FUSED_DECODE = "fused-sdpa"  # the manifest's name for the decode form this backend runs
 
@@ -92,6 +92,7 @@ class ExecuTorchBackend:
         # the methods come from one Program, so they share its memory-planned cache buffers
         self._program = et_program
         self.methods = {1: et_program.load_method("decode")}
+        self._decode_in = None  # (tensors, their numpy views), made on the first decode step
         self.chunk = self._constant(et_program, "get_prefill_chunk")
         # earlier tokens go through prefill (they write the sinks); programs before get_decode_from
         # decoded from the first position past the sinks
@@ -119,11 +120,23 @@ class ExecuTorchBackend:
         return int(program.load_method(name).execute([])[0])
 
     def step(self, inputs: StepInputs) -> np.ndarray:
-        arrays = inputs.as_tuple()
-        if inputs.tokens.shape[1] == 1:  # decode: (tokens, 4 RoPE tables, slots, n_keys), no mask
-            arrays = (*arrays[:5], arrays[6], np.array([decode_key_count(inputs)], np.int64))
-        method = self.methods[1] if inputs.tokens.shape[1] == 1 else self._masked_prefill()
-        return method.execute(self._tensors(arrays))[0][0].numpy()
+        if inputs.tokens.shape[1] == 1:  # numpy indexing: a torch tensor's costs 25 us a step here
+            return self.methods[1].execute(self._decode_tensors(inputs))[0].numpy()[0]
+        return self._masked_prefill().execute(self._tensors(inputs.as_tuple()))[0][0].numpy()
+
+    def _decode_tensors(self, inputs: StepInputs) -> list:
+        """The decode method's inputs (tokens, 4 RoPE tables, slots, n_keys; no mask), written into
+        tensors made once: a decode step runs between two program calls, so it copies a few numbers
+        into memory it already has instead of wrapping seven new arrays."""
+        if self._decode_in is None:
+            arrays = (inputs.tokens, inputs.cos_win, inputs.sin_win, inputs.cos_sink, inputs.sin_sink, inputs.slots,
+                      np.zeros(1, np.int64))
+            tensors = [self._torch.from_numpy(np.array(a)) for a in arrays]  # owned copies
+            self._decode_in = tensors, [t.numpy() for t in tensors]  # the arrays share the tensors' memory
+        tensors, (tokens, cos_win, sin_win, cos_sink, sin_sink, slots, n_keys) = self._decode_in
+        tokens[...], cos_win[...], sin_win[...] = inputs.tokens, inputs.cos_win, inputs.sin_win
+        cos_sink[...], sin_sink[...], slots[...], n_keys[0] = inputs.cos_sink, inputs.sin_sink, inputs.slots, inputs.n_keys
+        return tensors
 
     def prefill_last(self, inputs: StepInputs, start: int) -> np.ndarray:
         arrays = (inputs.tokens, inputs.cos_win, inputs.sin_win, inputs.slots, np.array([start], np.int64),
