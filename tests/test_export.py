@@ -41,6 +41,28 @@ def test_program_matches_the_reference_while_the_ring_wraps(tiny_bundle, backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_chunks_and_single_tokens_can_alternate_through_the_wrap(tiny_bundle, backend):
+    """Each backend keeps state per step width (ONNX Runtime: buffers bound once per width; ExecuTorch:
+    one method per width, the decode inputs written into tensors made once): prompts of every length
+    up to two chunks, then single tokens, then prompts again, around the ring several times."""
+    src, out = tiny_bundle
+    bundle = Bundle.open(out)
+    model, _ = load_model(src)
+    pieces = [7, 1, 1, 3, 1, 12, 1, 1, 1, 2, 5, 1]
+    ref = _feed_pieces(reference_session(model, bundle.layout), STREAM, pieces)
+    ours = _feed_pieces(_session(bundle, backend), STREAM, pieces)
+    assert ours.shape == (len(STREAM), TINY_VOCAB) and np.abs(ours - ref).max() < 1e-4
+
+
+def _feed_pieces(session, ids, pieces):
+    outs, i, k = [], 0, 0
+    while i < len(ids):
+        outs.append(session.feed(ids[i : i + pieces[k % len(pieces)]], keep_logits=True))
+        i, k = i + len(outs[-1]), k + 1
+    return np.concatenate(outs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_reset_starts_a_fresh_conversation(tiny_bundle, backend):
     session = _session(Bundle.open(tiny_bundle[1]), backend)
     first = session.feed(STREAM[:20], keep_logits=True)

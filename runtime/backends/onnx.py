@@ -17,6 +17,8 @@ from ..sink_cache import StepInputs
 
 STEP_INPUTS = ("input_ids", "cos_win", "sin_win", "cos_sink", "sin_sink", "attention_bias")
 INTEGER_STEP_INPUTS = ("input_ids", "cos_win", "sin_win", "cos_sink", "sin_sink", "attention_visible")
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+             "tensor(bool)": np.bool_}
 
 
 def past_names(n_layers: int) -> list[str]:
@@ -51,22 +53,50 @@ class OnnxBackend:
         for name, cache in zip(past_names(n), self.caches):
             self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(cache))  # shares memory
         self.outputs = ["logits", *present_names(n)]
+        self._input_names = STEP_INPUTS if self.logits_scale is None else INTEGER_STEP_INPUTS
+        self.vocab = self.session.get_outputs()[0].shape[-1]
+        self._bound, self._bound_width = {}, None
 
     def step(self, inputs: StepInputs) -> np.ndarray:
         if self.logits_scale is None:
-            names = STEP_INPUTS
             arrays = (inputs.tokens, inputs.cos_win, inputs.sin_win, inputs.cos_sink, inputs.sin_sink, inputs.mask)
         else:
-            names, arrays = INTEGER_STEP_INPUTS, integer_inputs(inputs)
-        for name, arr in zip(names, arrays):
-            self.io.bind_cpu_input(name, np.ascontiguousarray(arr))
-        for name in self.outputs:
-            self.io.bind_output(name)
+            arrays = integer_inputs(inputs)
+        feeds, logits, fresh = self._buffers(inputs.tokens.shape[1])
+        for buffer, array in zip(feeds, arrays):
+            buffer[...] = array
         self.session.run_with_iobinding(self.io)
-        logits, *new = self.io.copy_outputs_to_cpu()
-        for cache, fresh in zip(self.caches, new):  # fresh: [1, n_kv, P, hd]
-            cache[:, :, inputs.slots] = fresh
-        return logits[0] if self.logits_scale is None else dequantize_logits(logits[0], self.logits_scale)
+        slots = int(inputs.slots[0]) if len(inputs.slots) == 1 else inputs.slots  # one slot: a plain view
+        for cache, new in zip(self.caches, fresh):  # new: [1, n_kv, P, hd]
+            cache[:, :, slots] = new[:, :, 0] if len(inputs.slots) == 1 else new
+        out = logits[0].copy()  # the buffer is overwritten by the next step; a caller may keep these
+        return out if self.logits_scale is None else dequantize_logits(out, self.logits_scale)
+
+    def _buffers(self, width: int):
+        """Input and output arrays of a step of `width` positions, bound to the program once per
+        width (a decode step or a prefill chunk): ONNX Runtime reads and writes them in place, so a
+        step copies a few small arrays instead of binding 6 inputs and 2L + 1 outputs anew."""
+        if self._bound_width != width:
+            if width not in self._bound:
+                self._bound[width] = self._allocate(width)
+            feeds, logits, fresh = self._bound[width]
+            for name, array in zip(self._input_names, feeds):
+                self.io.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+            for name, array in zip(self.outputs, (logits, *fresh)):
+                self.io.bind_output(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+            self._bound_width = width
+        return self._bound[width]
+
+    def _allocate(self, width: int):
+        types = {i.name: ORT_TYPES[i.type] for i in (*self.session.get_inputs(), *self.session.get_outputs())}
+        physical_len = self.caches[0].shape[2]
+        shapes = {"input_ids": (1, width), "attention_bias": (width, physical_len + width),
+                  "attention_visible": (width, physical_len + width)}
+        head_dim = self.caches[0].shape[3]
+        feeds = [np.zeros(shapes.get(n, (width, head_dim)), types[n]) for n in self._input_names]
+        logits = np.zeros((1, width, self.vocab), types["logits"])
+        fresh = [np.zeros((*c.shape[:2], width, c.shape[3]), types[n]) for n, c in zip(self.outputs[1:], self.caches)]
+        return feeds, logits, fresh
 
     def reset(self) -> None:
         for cache in self.caches:
