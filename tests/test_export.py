@@ -107,13 +107,15 @@ def test_onnx_io_follows_the_past_present_convention(tiny_bundle):
 
 def test_the_onnx_step_reads_the_cache_without_copying_it_and_its_norms_fuse(tiny_bundle, tmp_path):
     """No node joins or transposes a past cache input (each would copy the whole cache every step);
-    ONNX Runtime fuses every RMSNorm into one SimplifiedLayerNormalization when it loads the graph."""
+    ONNX Runtime fuses every RMSNorm into one SimplifiedLayerNormalization when it loads the graph;
+    RoPE's rotate_half is one MatMul with a constant, not a split, a negation and a concat."""
     import onnxruntime as ort
 
     m = onnx.load(str(tiny_bundle[1] / "model.onnx"), load_external_data=False)
     past = {i.name for i in m.graph.input if i.name.startswith("past_key_values.")}
     readers = [n.op_type for n in m.graph.node for i in n.input if i in past]
     assert readers and not {"Concat", "Transpose"} & set(readers), readers
+    assert "Neg" not in {n.op_type for n in m.graph.node}
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(tiny_bundle[1] / "model.onnx"), opts, providers=["CPUExecutionProvider"])

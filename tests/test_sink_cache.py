@@ -231,6 +231,14 @@ def test_a_single_token_step_gets_the_same_inputs_as_the_first_row_of_a_chunk():
         schedule.commit(one)
 
 
+def test_the_rotate_half_matrix_is_exactly_rotate_half():
+    """The ONNX step's RoPE multiplies by R: every output is one input times +-1 plus zeros, so exact."""
+    from pocketlm.toolchain.model.rope import rotate_half, rotate_half_matrix
+
+    x = torch.randn(1, 3, 7, 64, dtype=torch.float32) * torch.logspace(-30, 30, 64)
+    assert torch.equal(x @ rotate_half_matrix(64), rotate_half(x))
+
+
 class StatelessEager:
     """The ONNX step module (SinkCacheStateless) run eagerly the way the ONNX backend runs it: the host
     keeps the cache, passes it in, and writes the returned K/V into their slots."""

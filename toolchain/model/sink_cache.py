@@ -21,15 +21,15 @@ from torch import nn
 
 from pocketlm.runtime.sink_cache import CacheLayout
 
-from .rope import apply_rope, rotate_half
+from .rope import ROTATE_HALF, apply_rope, rotate_half, rotate_half_matrix
 from .transformer import Attention, Transformer
 
 
-def _rotated_queries(attn: Attention, q, cos_win, sin_win, cos_sink, sin_sink):
+def _rotated_queries(attn: Attention, q, cos_win, sin_win, cos_sink, sin_sink, rotate=rotate_half):
     """q: un-rotated [1, n_heads, P, hd] -> (q_win, q_sink), each [n_kv_heads, group * P, hd]: the
     query rotated at its true position (for the window) and at its in-cache position (for the
     sinks), each KV head's query group folded into the rows, so the cache is never expanded."""
-    q_rot = rotate_half(q)  # shared by both rotations of the query
+    q_rot = rotate(q)  # shared by both rotations of the query
     q_win = q * cos_win + q_rot * sin_win
     q_sink = q * cos_sink + q_rot * sin_sink
     rows = (attn.n_heads // attn.n_kv_heads) * q.shape[2]
@@ -61,7 +61,8 @@ def attend(attn: Attention, q, keys_t, values, cos_win, sin_win, cos_sink, sin_s
     return _heads_out(attn, torch.bmm(_masked_softmax(attn, scores, mask), values))
 
 
-def stateless_attention(attn: Attention, x, cos_win, sin_win, cos_sink, sin_sink, mask, k_cache, v_cache, sink_size: int):
+def stateless_attention(attn: Attention, x, cos_win, sin_win, cos_sink, sin_sink, mask, k_cache, v_cache, sink_size: int,
+                        rotate_half_r):
     """The ONNX step: k_cache, v_cache [1, n_kv_heads, L, hd] are inputs (L = physical cache length)
     and the step's K/V are returned for the host to write (mask: [P, L + P], the cache's slots then
     the step's own tokens). The cache is never joined with the step's K/V, nor transposed: scores
@@ -69,11 +70,14 @@ def stateless_attention(attn: Attention, x, cos_win, sin_win, cos_sink, sin_sink
     against the step's keys are computed apart and joined, and the output sums the two products
     with the values. Joining copied every layer's cache three times a step (int4 SmolLM2 on ONNX
     Runtime, 2 threads: decode 107.9 -> 147.4 tok/s without it, bench/results/onnx_step_forms.json).
+    RoPE's rotate_half is a matmul with rotate_half_r (rope.rotate_half_matrix): ONNX Runtime runs
+    one node for it, not three.
     Returns (output [1, P, dim], k_new, v_new [1, n_kv_heads, P, hd])."""
     q, k, v = attn.project_qkv(x)
-    k_new = apply_rope(k, cos_win, sin_win)  # keys are stored at their true positions
+    rotate = lambda t: torch.matmul(t, rotate_half_r)  # noqa: E731
+    k_new = apply_rope(k, cos_win, sin_win, rotate)  # keys are stored at their true positions
     n_kv, hd, length = attn.n_kv_heads, attn.head_dim, k_cache.shape[2]
-    q_win, q_sink = _rotated_queries(attn, q, cos_win, sin_win, cos_sink, sin_sink)
+    q_win, q_sink = _rotated_queries(attn, q, cos_win, sin_win, cos_sink, sin_sink, rotate)
     k_old, v_old = k_cache.view(n_kv, length, hd), v_cache.view(n_kv, length, hd)
     scores = [torch.matmul(q_win, k_old.transpose(1, 2)), torch.matmul(q_win, k_new.view(n_kv, -1, hd).transpose(1, 2))]
     if sink_size:  # the sink slots are rescored with the query at its in-cache position
@@ -266,13 +270,16 @@ class SinkCacheStateless(nn.Module):
     def __init__(self, model: Transformer, layout: CacheLayout):
         super().__init__()
         self.model, self.layout = model, layout
+        # one constant for every layer, named so the int4 rewrite leaves it a float MatMul (exact)
+        self.register_buffer(ROTATE_HALF, rotate_half_matrix(model.config.head_dim), persistent=False)
 
     def forward(self, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, past: list[torch.Tensor]):
         new_kv = []
+        r = getattr(self, ROTATE_HALF)
 
         def attention(i, attn, x):
             out, k_new, v_new = stateless_attention(attn, x, cos_win, sin_win, cos_sink, sin_sink, mask,
-                                                    past[2 * i], past[2 * i + 1], self.layout.sink_size)
+                                                    past[2 * i], past[2 * i + 1], self.layout.sink_size, r)
             new_kv.extend((k_new, v_new))
             return out
 
