@@ -8,7 +8,7 @@ import torch
 from pocketlm.runtime import rope as np_rope
 from pocketlm.runtime.errors import PocketLMError
 from pocketlm.runtime.session import CachedSession
-from pocketlm.runtime.sink_cache import CacheLayout, SinkWindowSchedule, StepInputs, decode_key_count
+from pocketlm.runtime.sink_cache import ROPE_BLOCK, CacheLayout, SinkWindowSchedule, StepInputs, decode_key_count
 from pocketlm.toolchain.model import convert, surgery
 from pocketlm.toolchain.model import rope
 from pocketlm.toolchain.reference import TorchBackend, reference_session, rope_freq
@@ -220,9 +220,10 @@ def test_a_single_token_sees_a_prefix_of_the_cache_before_and_after_the_ring_fil
 
 
 def test_a_single_token_step_gets_the_same_inputs_as_the_first_row_of_a_chunk():
-    """The decode fast path (width 1) against the general chunk path, step by step while the ring wraps."""
+    """The decode fast path (width 1) against the general chunk path, step by step while the ring wraps
+    and across the fast path's RoPE tables (ROPE_BLOCK positions each)."""
     schedule = SinkWindowSchedule(LAYOUT, np_rope.inv_freq(8, 10000.0))
-    for t in range(40):
+    for t in range(2 * ROPE_BLOCK + 10):
         one, chunk = schedule.step_inputs([7], 1), schedule.step_inputs([7], 2)
         for name in ("cos_win", "sin_win", "cos_sink", "sin_sink"):
             assert np.array_equal(getattr(one, name), getattr(chunk, name)[:1]), (t, name)
