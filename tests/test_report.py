@@ -71,7 +71,7 @@ def test_profile_measures_each_backend_and_thread_count_in_its_own_process(bundl
     points = {(p["backend"], p["threads"]) for p in result["points"]}
     assert points == {("onnx", 1), ("onnx", 2), ("executorch", 1), ("executorch", 2)}
     for p in result["points"]:
-        assert p["ttft_ms"] > 0 and p["prefill_tok_s"] > 0 and p["decode_tok_s"] > 0 and len(p["decode_tok_s_runs"]) == 2
+        assert p["ttft_ms"] > 0 and p["first_ttft_ms"] > 0 and p["prefill_tok_s"] > 0 and p["decode_tok_s"] > 0 and len(p["decode_tok_s_runs"]) == 2
         assert p["peak_rss_bytes"] >= p["runtime_imports_rss_bytes"] > 0
     onnx = [p for p in result["points"] if p["backend"] == "onnx"]
     # each point is its own process: the ONNX runtime alone never carries ExecuTorch's torch import

@@ -35,8 +35,8 @@ def _cmd_profile(args) -> int:
     from pocketlm.runtime.profile import profile_bundle
 
     def show(p):
-        print(f"{p['backend']:<10} {p['threads']:>2} threads  load {p['load_s']:.2f} s  TTFT {p['ttft_ms']:.0f} ms  "
-              f"prefill {p['prefill_tok_s']:.1f} tok/s  decode {p['decode_tok_s']:.1f} tok/s  "
+        print(f"{p['backend']:<10} {p['threads']:>2} threads  load {p['load_s']:.2f} s  TTFT {p['ttft_ms']:.0f} ms "
+              f"(first prompt {p['first_ttft_ms']:.0f} ms)  prefill {p['prefill_tok_s']:.1f} tok/s  decode {p['decode_tok_s']:.1f} tok/s  "
               f"peak RSS {p['peak_rss_bytes'] / 1e6:.0f} MB", flush=True)
 
     result = profile_bundle(args.bundle, args.backend, args.threads, on_result=show,
