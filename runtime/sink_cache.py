@@ -144,7 +144,7 @@ class SinkWindowSchedule:
             self._rope_rows = (first, *rope.cos_sin(self.freq, np.arange(first, first + ROPE_BLOCK)))
             cos, sin = self._rope_rows[1:]
         row = pos - first
-        at = min(pos, c - 1)  # cache_position
+        at = self.cache_position(pos)
         cos_cache, sin_cache = self.cache_rope
         slot = self.slot_of(pos)
         mask = np.full((1, self.layout.physical_len + 1), np.float32(MASKED))
