@@ -99,16 +99,16 @@ def main() -> None:
     portable_lib._unsafe_reset_threadpool(args.threads)
     forms = {"fp32_custom_sdpa": Attention(False), "int8_custom_quantized_sdpa": Attention(True)}
     q = torch.randn(1, GROUP, N_KV, HEAD_DIM)
+    keys = [int(k) for k in args.keys.split(",")]
     methods, error = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, module in forms.items():
             path = Path(tmp) / f"{name}.pte"
             export(module, path)
             methods[name] = Runtime.get().load_program(path).load_method("forward")
-        for n in map(int, args.keys.split(",")):
+        for n in keys:
             outs = [m.execute([q, torch.tensor([n])])[0] for m in methods.values()]
             error[n] = float((outs[1] - outs[0]).norm() / outs[0].norm())
-    keys = [int(k) for k in args.keys.split(",")]
     times = {(name, n): [] for name in methods for n in keys}
     for r in range(args.rounds):
         order = list(methods) if r % 2 == 0 else list(reversed(methods))
