@@ -490,10 +490,11 @@ def quantize_model_(
             raise PocketLMError(
                 f"the AWQ result was searched for {awq.spec.describe()}, not {spec.describe()}; search again for this spec"
             )
+        fingerprint = awq.fingerprint()  # once: it serialises the whole result (seconds on a 135M model)
         done = folded_fingerprint(model)
         if done is None:
             apply_awq(model, awq)
-        elif done != awq.fingerprint():
+        elif done != fingerprint:
             raise PocketLMError("a different AWQ result is already folded into this model")
     tied = model.config.tie_embeddings
     decisions: dict[str, dict] = {}
@@ -508,7 +509,7 @@ def quantize_model_(
         if clip is not None:
             d["clip"] = round(float(clip.mean()), 4)  # mean ratio; the full ratios live in the AWQ result
         if awq is not None and (name.startswith("model.layers.") or clip is not None):
-            d["awq"] = awq.fingerprint()
+            d["awq"] = fingerprint
         decisions[name] = d
     if tied:
         decisions["lm_head"] = {**decisions["lm_head"], "tied_to": "model.embed_tokens"}

@@ -59,14 +59,18 @@ def _scales(absmax: torch.Tensor, consumers: list[nn.Linear], alpha: float) -> t
     return (absmax.clamp_min(1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp_min(1e-5)
 
 
-def w8a8_error(x: torch.Tensor, consumers: list[nn.Linear], s: torch.Tensor | None) -> float:
+def w8a8_error(x: torch.Tensor, consumers: list[nn.Linear], s: torch.Tensor | None,
+               reference: list[torch.Tensor] | None = None) -> float:
     """Mean squared output error of the consumers when both their int8-per-channel weights (W s) and
-    their int8-per-token input (x / s) are fake-quantized; s None: no smoothing."""
+    their int8-per-token input (x / s) are fake-quantized; s None: no smoothing. reference: the
+    consumers' float outputs x W^T, when the caller scores several candidates on the same x."""
+    if reference is None:
+        reference = [x @ lin.weight.T for lin in consumers]
     xs, err = (x if s is None else x / s), 0.0
     xq = fake_quant(xs, INT8_PER_CHANNEL)  # per row of [tokens, in]: per token
-    for lin in consumers:
+    for lin, ref in zip(consumers, reference):
         w = lin.weight if s is None else lin.weight * s
-        err += (xq @ fake_quant(w, INT8_PER_CHANNEL).T - x @ lin.weight.T).pow(2).sum().item()
+        err += (xq @ fake_quant(w, INT8_PER_CHANNEL).T - ref).pow(2).sum().item()
     return err / x.shape[0]
 
 
@@ -75,11 +79,12 @@ def search(x: torch.Tensor, consumers: list[nn.Linear]) -> tuple[torch.Tensor | 
     if x.shape[0] > SEARCH_TOKENS:
         x = x[torch.linspace(0, x.shape[0] - 1, SEARCH_TOKENS).round().long()]
     absmax = x.abs().amax(0)
-    best = (None, w8a8_error(x, consumers, None), None)
+    reference = [x @ lin.weight.T for lin in consumers]  # the same for every candidate: computed once
+    best = (None, w8a8_error(x, consumers, None, reference), None)
     losses = {"none": best[1]}
     for alpha in ALPHA_GRID:
         s = _scales(absmax, consumers, alpha)
-        loss = w8a8_error(x, consumers, s)
+        loss = w8a8_error(x, consumers, s, reference)
         losses[f"{alpha:.1f}"] = loss
         if loss < best[1]:
             best = (alpha, loss, s)
