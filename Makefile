@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pocketlm-installed
+TEST_WORKERS ?= 2
 
 .PHONY: demo test venv clean
 
@@ -20,8 +21,10 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/pocketlm run --out out/demo
 
+# Two workers (CI has 2 cores and most of the suite is single-threaded export work); each real-model
+# bundle's tests are one xdist group, so each bundle is exported once, on one worker.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) out

@@ -3,6 +3,7 @@ loaded once per test session (converted from its GGUF once, then read from the c
 
 from __future__ import annotations
 
+import os
 import shutil
 import types
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Two threads, or one per worker when xdist runs two (`make test`): two workers of two threads each on
+# a 2-core machine spin in each other's OpenMP barriers.
+torch.set_num_threads(2 if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") == "1" else 1)
 
 TINY_VOCAB = 320
 
@@ -106,10 +109,12 @@ REAL_LAYOUT = dict(sink_size=4, window_size=60, chunk=16)  # 64 slots: 256+ toke
 
 @pytest.fixture(scope="session")
 def real_bundle(real, tmp_path_factory):
-    """The default model exported once per test session to both backends (the slow part of the suite)."""
+    """The default model in float32, exported once per test session to ONNX: the exact parity checks
+    against PyTorch. ExecuTorch meets the real model in real_int4_bundle (one ExecuTorch lowering of
+    the 135M model a session: it is the slowest step of the suite)."""
     from pocketlm.toolchain.export import export_bundle
 
-    return export_bundle(real.source, tmp_path_factory.mktemp("real") / "bundle", ("onnx", "executorch"), **REAL_LAYOUT)
+    return export_bundle(real.source, tmp_path_factory.mktemp("real") / "bundle", ("onnx",), **REAL_LAYOUT)
 
 
 @pytest.fixture(scope="session")
@@ -124,6 +129,15 @@ def real_awq_g64(real, tmp_path_factory):
     ci_awq = AwqConfig(n_grid=10, clip_grid=10, search_tokens=1024, gram_tokens=2048, head=True)
     return quantize_source(real.source, tmp_path_factory.mktemp("awq") / "w4-awq", scheme="w4-awq", group_size=64,
                            head="int8", awq_config=ci_awq, calib_seqs=4)
+
+
+@pytest.fixture(scope="session")
+def real_int4_bundle(real_awq_g64, tmp_path_factory):
+    """The fast int4 bundle a phone gets (w4-awq g64, int8 head) exported once per session to both
+    backends, with the small cache (64 slots) so that the real-model tests wrap its ring."""
+    from pocketlm.toolchain.export import export_bundle
+
+    return export_bundle(real_awq_g64, tmp_path_factory.mktemp("real_int4") / "bundle", ("onnx", "executorch"), **REAL_LAYOUT)
 
 
 @pytest.fixture(scope="session")

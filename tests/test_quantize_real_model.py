@@ -1,5 +1,6 @@
 """Quantization on the real default model: RTN's damage is measurable, AWQ repairs part of it, and the
-fast int4 bundle of the AWQ weights runs on both backends, storing the tied table once, as int8 codes."""
+fast int4 bundle of the AWQ weights (conftest's real_int4_bundle) runs on both backends, storing the tied
+table once, as int8 codes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from pocketlm.toolchain.evaluate import evaluate_perplexity
 from pocketlm.toolchain.quantize import quantize_source
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.xdist_group("real-int4")]  # one worker: the AWQ weights and their bundle
 TOKENS = 2048
 
 
@@ -54,25 +55,35 @@ def test_int8_weights_are_nearly_lossless_on_the_default_model(real, fp32_ppl, t
     assert abs(w8 / fp32_ppl - 1) < 0.02, (fp32_ppl, w8)
 
 
-def test_the_fast_int4_bundle_runs_on_both_backends_from_the_awq_weights_on_the_default_model(real_awq_g64, real_bundle, tmp_path):
+def test_the_fast_int4_bundle_validates_profiles_and_reports_on_both_backends_on_the_default_model(real, real_int4_bundle, tmp_path):
     """w4-awq g64 with the int8 head, the bundle a phone gets: ONNX Runtime runs 120 int4 MatMulNBits (4 a
     layer, q|k|v and gate|up fused; about 50 MB) and reads the head's 28 MB of int8 codes for the embedding
     lookup too (a float32 copy of the table alone would be 113 MB); ExecuTorch runs the same codes as XNNPACK
-    8da4w, the head as 8da8w. Both pass the parity harness, at under a fifth of the float32 program's size."""
+    8da4w, the head as 8da8w. Each program is under a fifth of the float32 weights' bytes, passes the parity harness and the
+    budgets of generic-x86-cpu from a profile, and the report renders in a real browser."""
     from pocketlm.runtime.bundle import Bundle
-    from pocketlm.runtime.profile import file_sizes
-    from pocketlm.runtime.validate import validate_backend
-    from pocketlm.toolchain.export import export_bundle
+    from pocketlm.runtime.profile import file_sizes, profile_bundle
+    from pocketlm.runtime.report import build_report, write_report
+    from pocketlm.runtime.validate import validate_bundle
 
-    bundle = Bundle.open(export_bundle(real_awq_g64, tmp_path / "bundle", ("onnx", "executorch"), sink_size=4, window_size=508, chunk=32))
+    from test_report import CHROMIUM, _render
+
+    bundle = Bundle.open(real_int4_bundle)
     programs = bundle.manifest["programs"]
     assert programs["onnx"]["weights"].endswith("embedding int8 (the LM head's codes, GatherBlockQuantized)")
     assert programs["executorch"]["weights"] == ("int4 XNNPACK 8da4w, group 64, 120 linears + int8 per channel, "
                                                  "XNNPACK 8da8w, 1 linear; embedding int8 (embedding_byte)")
-    sizes, fp32_sizes = file_sizes(bundle)["programs"], file_sizes(Bundle.open(real_bundle))["programs"]
+    sizes, fp32_bytes = file_sizes(bundle)["programs"], 4 * real.model.num_parameters()  # 538 MB
     assert sizes["onnx"] < 100e6, sizes
+    assert all(sizes[b] < 0.2 * fp32_bytes for b in ("onnx", "executorch")), (sizes, fp32_bytes)
+    profile = profile_bundle(real_int4_bundle, None, [2], runs=1, new_tokens=32)
+    report = validate_bundle(real_int4_bundle, None, "generic-x86-cpu", threads=2, profile=profile)
     for backend in ("onnx", "executorch"):
-        assert sizes[backend] < 0.2 * fp32_sizes[backend], (backend, sizes[backend], fp32_sizes[backend])
-        report = validate_backend(bundle, backend)
-        assert report["passed"], (backend, report["checks"])
-        assert report["parity"]["top1_agreement"] >= 0.9, (backend, report["parity"])
+        r = report["backends"][backend]
+        assert r["passed"], (backend, r["checks"])
+        assert r["parity"]["top1_agreement"] >= 0.9, (backend, r["parity"])
+        point = next(p for p in profile["points"] if p["backend"] == backend)
+        assert point["decode_tok_s"] > 10, point
+    _, html = write_report(build_report(real_int4_bundle, report, profile), tmp_path)
+    if CHROMIUM:
+        assert 'data-plots-rendered="6"' in _render(html, tmp_path)
