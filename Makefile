@@ -21,10 +21,12 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/pocketlm run --out out/demo
 
-# Two workers (CI has 2 cores and most of the suite is single-threaded export work); each real-model
-# bundle's tests are one xdist group, so each bundle is exported once, on one worker.
+# Two workers (CI has 2 cores and most of the suite is single-threaded export work), a test file each
+# at a time: each real-model bundle's tests share a file, so each bundle is exported once (conftest
+# puts those files first). --dist loadgroup cannot be used: pytest-xdist 3.8 sets a node id field
+# that pytest 9.2 no longer reads, so its groups split.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) out

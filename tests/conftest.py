@@ -105,13 +105,38 @@ def real():
 
 
 REAL_LAYOUT = dict(sink_size=4, window_size=60, chunk=16)  # 64 slots: 256+ tokens wrap the ring 4 times
+# `make test` runs two xdist workers, a test file per work unit: these files (each holding every test of
+# one real-model bundle, so each bundle is exported once) go first, longest first, so that both workers
+# start on one and the short files fill in after
+HEAVY_FIRST = ("test_quantize_real_model.py", "test_integer_real_model.py", "test_export_real_model.py")
+
+
+def pytest_collection_modifyitems(items):
+    heavy = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: heavy.get(item.path.name, len(heavy)))  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="session")
+def real_stream(real):
+    """The first 200 tokens of the default eval text."""
+    from pocketlm.runtime.text import load_text
+    from pocketlm.runtime.tokenizer import Tokenizer
+
+    return Tokenizer(real.source.path).encode(load_text(None, "eval"))[:200]
+
+
+def teacher_forced(session, stream):
+    """A 100-token prompt (7 chunks of 16), then 100 single-token steps: 200 tokens through 64 slots."""
+    import numpy as np
+
+    return np.concatenate([session.feed(stream[:100], keep_logits=True)] + [session.feed([t], keep_logits=True) for t in stream[100:]])
 
 
 @pytest.fixture(scope="session")
 def real_bundle(real, tmp_path_factory):
     """The default model in float32, exported once per test session to ONNX: the exact parity checks
-    against PyTorch. ExecuTorch meets the real model in real_int4_bundle (one ExecuTorch lowering of
-    the 135M model a session: it is the slowest step of the suite)."""
+    against PyTorch (test_export_real_model.py). ExecuTorch meets the real model in real_int4_bundle
+    (one ExecuTorch lowering of the 135M model a session: it is the slowest step of the suite)."""
     from pocketlm.toolchain.export import export_bundle
 
     return export_bundle(real.source, tmp_path_factory.mktemp("real") / "bundle", ("onnx",), **REAL_LAYOUT)
@@ -120,7 +145,7 @@ def real_bundle(real, tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_awq_g64(real, tmp_path_factory):
     """The default model quantized w4-awq g64 with the int8 head (the fast bundle's weights) and CI's
-    cheaper AWQ search, once per session; its awq.json re-applies to w4a8-int (both search on the float
+    cheaper AWQ search, once per session (per worker: the int4 and the integer files each search); its awq.json re-applies to w4a8-int (both search on the float
     model) and to an int4 head (the search clips the head too), so the search is paid once."""
     from pocketlm.toolchain.quant.awq import AwqConfig
     from pocketlm.toolchain.quantize import quantize_source
@@ -134,7 +159,8 @@ def real_awq_g64(real, tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_int4_bundle(real_awq_g64, tmp_path_factory):
     """The fast int4 bundle a phone gets (w4-awq g64, int8 head) exported once per session to both
-    backends, with the small cache (64 slots) so that the real-model tests wrap its ring."""
+    backends, with the small cache (64 slots) so that the real-model tests wrap its ring; its tests
+    are all in test_quantize_real_model.py (one worker exports it)."""
     from pocketlm.toolchain.export import export_bundle
 
     return export_bundle(real_awq_g64, tmp_path_factory.mktemp("real_int4") / "bundle", ("onnx", "executorch"), **REAL_LAYOUT)

@@ -23,9 +23,7 @@ from pocketlm.runtime.profile import file_sizes
 from pocketlm.toolchain.export import export_bundle
 from pocketlm.toolchain.quantize import quantize_source
 
-# one worker for both tests (the W4A8 program is compared with the W8A8 one); it searches AWQ again
-# rather than wait for the worker that holds the int4 bundle's search (make test runs two)
-pytestmark = [pytest.mark.real_model, pytest.mark.xdist_group("real-integer")]
+pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")

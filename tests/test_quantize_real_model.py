@@ -6,12 +6,23 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
+from pocketlm.runtime.backends import load_backend
+from pocketlm.runtime.bundle import Bundle
+from pocketlm.runtime.generate import Generator
+from pocketlm.runtime.session import CachedSession
+from pocketlm.runtime.sink_cache import CacheLayout
+from pocketlm.toolchain import cli
 from pocketlm.toolchain.evaluate import evaluate_perplexity
+from pocketlm.toolchain.load import load_model
 from pocketlm.toolchain.quantize import quantize_source
+from pocketlm.toolchain.reference import reference_session
 
-pytestmark = [pytest.mark.real_model, pytest.mark.xdist_group("real-int4")]  # one worker: the AWQ weights and their bundle
+from conftest import REAL_LAYOUT, teacher_forced
+
+pytestmark = pytest.mark.real_model
 TOKENS = 2048
 
 
@@ -55,13 +66,43 @@ def test_int8_weights_are_nearly_lossless_on_the_default_model(real, fp32_ppl, t
     assert abs(w8 / fp32_ppl - 1) < 0.02, (fp32_ppl, w8)
 
 
+def test_the_int4_executorch_program_follows_its_own_weights_while_the_ring_wraps(real_int4_bundle, real_awq_g64, real_stream):
+    """Its int8 activations make it inexact, so it is held to the PyTorch reference of the same int4
+    weights in float: teacher-forced, 100 prompt tokens through the masked prefill, then 100 decode
+    steps, wrapping the 64 slots three times. A wrong slot or RoPE position after a wrap leaves the
+    predictions unrelated to the reference's (a broken cache agrees on a minority of tokens)."""
+    model, _ = load_model(real_awq_g64)
+    reference = teacher_forced(reference_session(model, CacheLayout(**REAL_LAYOUT)), real_stream)
+    bundle = Bundle.open(real_int4_bundle)
+    ours = teacher_forced(CachedSession(load_backend(bundle, "executorch"), bundle.layout, bundle.rope_freq), real_stream)
+    cosine = (ours * reference).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(reference, axis=-1))
+    top1 = (ours.argmax(-1) == reference.argmax(-1))
+    wrapped = slice(64, None)  # every position after the first wrap
+    assert top1[wrapped].mean() >= 0.9 and cosine[wrapped].mean() >= 0.99, (top1[wrapped].mean(), cosine[wrapped].min(), cosine[wrapped].mean())
+    # a prompt that fits the cache takes prefill_causal for each of its chunks
+    gen = Generator(real_int4_bundle, "executorch")
+    chat_prompt = gen.chat_ids([{"role": "user", "content": "Write a long story about a dragon who learns to cook."}])
+    starts, prefill_last = [], gen.session.backend.prefill_last
+    gen.session.backend.prefill_last = lambda step, start: starts.append(start) or prefill_last(step, start)
+    gen.generate(chat_prompt, max_new_tokens=4)
+    assert len(chat_prompt) <= 64
+    assert starts == [s for s in range(0, len(chat_prompt), bundle.layout.chunk) if len(chat_prompt) - s > 1]
+
+
+def test_generate_cli_answers_the_demo_question_from_the_int4_executorch_program(real_int4_bundle, capsys):
+    rc = cli.main(["generate", str(real_int4_bundle), "--backend", "executorch", "--prompt",
+                   "What is the capital of France?", "--max-new-tokens", "24"])
+    assert rc == 0
+    assert "Paris" in capsys.readouterr().out  # int4 weights may word it otherwise than float32's sentence
+
+
 def test_the_fast_int4_bundle_validates_profiles_and_reports_on_both_backends_on_the_default_model(real, real_int4_bundle, tmp_path):
     """w4-awq g64 with the int8 head, the bundle a phone gets: ONNX Runtime runs 120 int4 MatMulNBits (4 a
     layer, q|k|v and gate|up fused; about 50 MB) and reads the head's 28 MB of int8 codes for the embedding
     lookup too (a float32 copy of the table alone would be 113 MB); ExecuTorch runs the same codes as XNNPACK
-    8da4w, the head as 8da8w. Each program is under a fifth of the float32 weights' bytes, passes the parity harness and the
-    budgets of generic-x86-cpu from a profile, and the report renders in a real browser."""
-    from pocketlm.runtime.bundle import Bundle
+    8da4w, the head as 8da8w. Each program is under a fifth of the float32 weights' bytes, passes the
+    parity harness and the budgets of generic-x86-cpu from a profile, and the report renders in a
+    real browser."""
     from pocketlm.runtime.profile import file_sizes, profile_bundle
     from pocketlm.runtime.report import build_report, write_report
     from pocketlm.runtime.validate import validate_bundle
