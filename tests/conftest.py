@@ -8,6 +8,7 @@ import shutil
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,8 +128,6 @@ def real_stream(real):
 
 def teacher_forced(session, stream):
     """A 100-token prompt (7 chunks of 16), then 100 single-token steps: 200 tokens through 64 slots."""
-    import numpy as np
-
     return np.concatenate([session.feed(stream[:100], keep_logits=True)] + [session.feed([t], keep_logits=True) for t in stream[100:]])
 
 
@@ -145,8 +144,9 @@ def real_bundle(real, tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_awq_g64(real, tmp_path_factory):
     """The default model quantized w4-awq g64 with the int8 head (the fast bundle's weights) and CI's
-    cheaper AWQ search, once per session (per worker: the int4 and the integer files each search); its awq.json re-applies to w4a8-int (both search on the float
-    model) and to an int4 head (the search clips the head too), so the search is paid once."""
+    cheaper AWQ search, once per session (per worker: the int4 and the integer files each search); its
+    awq.json re-applies to w4a8-int (both search on the float model) and to an int4 head (the search
+    clips the head too), so a worker pays for the search once."""
     from pocketlm.toolchain.quant.awq import AwqConfig
     from pocketlm.toolchain.quantize import quantize_source
 

@@ -58,12 +58,11 @@ def test_exported_greedy_tokens_equal_the_reference_for_256_new_tokens(real_bund
 
 
 def test_within_capacity_the_reference_equals_hugging_face_dense_cache(real, real_stream):
-    stream = real_stream
     session = reference_session(real.model, CacheLayout(4, 124, 16))
-    ours = session.feed(stream[:40], keep_logits=True)
-    ours = np.concatenate([ours] + [session.feed([t], keep_logits=True) for t in stream[40:128]])
+    ours = session.feed(real_stream[:40], keep_logits=True)
+    ours = np.concatenate([ours] + [session.feed([t], keep_logits=True) for t in real_stream[40:128]])
     with torch.no_grad():
-        ref = real.hf(torch.tensor([stream[:128]])).logits[0].numpy()
+        ref = real.hf(torch.tensor([real_stream[:128]])).logits[0].numpy()
     assert np.abs(ours - ref).max() <= 1e-3
 
 

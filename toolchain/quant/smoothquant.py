@@ -59,13 +59,10 @@ def _scales(absmax: torch.Tensor, consumers: list[nn.Linear], alpha: float) -> t
     return (absmax.clamp_min(1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp_min(1e-5)
 
 
-def w8a8_error(x: torch.Tensor, consumers: list[nn.Linear], s: torch.Tensor | None,
-               reference: list[torch.Tensor] | None = None) -> float:
+def w8a8_error(x: torch.Tensor, consumers: list[nn.Linear], s: torch.Tensor | None, reference: list[torch.Tensor]) -> float:
     """Mean squared output error of the consumers when both their int8-per-channel weights (W s) and
     their int8-per-token input (x / s) are fake-quantized; s None: no smoothing. reference: the
-    consumers' float outputs x W^T, when the caller scores several candidates on the same x."""
-    if reference is None:
-        reference = [x @ lin.weight.T for lin in consumers]
+    consumers' float outputs x W^T (the same for every candidate, so the caller computes them once)."""
     xs, err = (x if s is None else x / s), 0.0
     xq = fake_quant(xs, INT8_PER_CHANNEL)  # per row of [tokens, in]: per token
     for lin, ref in zip(consumers, reference):
@@ -79,7 +76,7 @@ def search(x: torch.Tensor, consumers: list[nn.Linear]) -> tuple[torch.Tensor | 
     if x.shape[0] > SEARCH_TOKENS:
         x = x[torch.linspace(0, x.shape[0] - 1, SEARCH_TOKENS).round().long()]
     absmax = x.abs().amax(0)
-    reference = [x @ lin.weight.T for lin in consumers]  # the same for every candidate: computed once
+    reference = [x @ lin.weight.T for lin in consumers]
     best = (None, w8a8_error(x, consumers, None, reference), None)
     losses = {"none": best[1]}
     for alpha in ALPHA_GRID:
