@@ -71,6 +71,9 @@ class StepInputs:
     # single-token steps: how many leading cache slots the token attends to once its K/V are written
     # (decode_key_count, in closed form), so a fused kernel reads the count without scanning the mask
     n_keys: int = 0
+    # how many leading cache slots hold tokens before the step (min(position, cache_len)): slots fill
+    # in order, so every slot the step may see lies among them and a program can read just those rows
+    n_cached: int = 0
 
     def as_tuple(self):
         return (self.tokens, self.cos_win, self.sin_win, self.cos_sink, self.sin_sink, self.mask, self.slots)
@@ -129,7 +132,8 @@ class SinkWindowSchedule:
         visible[n:] = False
         visible[n:, self.layout.physical_len :] = np.eye(width, dtype=bool)[n:]  # padding sees itself
         mask = np.where(visible, 0.0, MASKED).astype(np.float32)
-        return StepInputs(tokens, cos_win, sin_win, cos_sink, sin_sink, mask, slots, n)
+        return StepInputs(tokens, cos_win, sin_win, cos_sink, sin_sink, mask, slots, n,
+                          n_cached=min(self.n_seen, self.layout.cache_len))
 
     def _decode_inputs(self, token: int) -> StepInputs:
         """step_inputs for one token, on the generation hot path (every line here runs between two
@@ -153,7 +157,7 @@ class SinkWindowSchedule:
             mask[0, slot] = MASKED
         mask[0, -1] = 0.0  # the token itself
         return StepInputs(np.array([[token]], np.int64), cos[row : row + 1], sin[row : row + 1], cos_cache[at : at + 1],
-                          sin_cache[at : at + 1], mask, np.array([slot], np.int64), 1, min(pos + 1, c))
+                          sin_cache[at : at + 1], mask, np.array([slot], np.int64), 1, min(pos + 1, c), min(pos, c))
 
     def commit(self, step: StepInputs) -> None:
         """Record that the program wrote the step's valid tokens into their slots."""

@@ -62,6 +62,34 @@ def _feed_pieces(session, ids, pieces):
     return np.concatenate(outs)
 
 
+@pytest.mark.parametrize("row_block", [1, 4])
+def test_onnx_binds_only_the_cache_rows_that_hold_tokens(tiny_bundle, row_block):
+    """The float program's cache length is dynamic: the backend binds the leading slots that hold
+    tokens, in whole blocks of rows, moving each head's rows apart as the ring fills (the whole ring
+    once it is full), and a reset starts again from one block. Chunks and single tokens through the
+    wrap must still equal the reference."""
+    from pocketlm.runtime.backends.onnx import OnnxBackend
+
+    src, out = tiny_bundle
+    bundle = Bundle.open(out)
+    backend = OnnxBackend(bundle.program_path("onnx"), bundle.cache_shapes(), program=bundle.manifest["programs"]["onnx"],
+                          row_block=row_block)
+    assert backend.capacity == row_block and backend.caches[0].shape[2] == row_block
+    capacities, set_capacity = [], backend._set_capacity
+    backend._set_capacity = lambda c: capacities.append(c) or set_capacity(c)
+    session = CachedSession(backend, bundle.layout, bundle.rope_freq)
+    pieces = [7, 1, 1, 3, 1, 12, 1, 1, 1, 2, 5, 1]
+    ref = _feed_pieces(reference_session(load_model(src)[0], bundle.layout), STREAM, pieces)
+    assert np.abs(_feed_pieces(session, STREAM, pieces) - ref).max() < 1e-4
+    cache_len = bundle.layout.cache_len  # 16: the trash slot after it is never bound (a multiple of the block)
+    assert capacities == ([8, 12, 16] if row_block == 4 else [5, 7, 8, 9, 12, 13, 16]), capacities
+    assert backend.capacity == cache_len and backend.caches[0].shape[2] == cache_len
+    session.reset()
+    assert backend.capacity == row_block
+    fresh = _feed_pieces(reference_session(load_model(src)[0], bundle.layout), STREAM[:20], [7, 1])
+    assert np.abs(_feed_pieces(session, STREAM[:20], [7, 1]) - fresh).max() < 1e-4
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reset_starts_a_fresh_conversation(tiny_bundle, backend):
     session = _session(Bundle.open(tiny_bundle[1]), backend)

@@ -60,7 +60,11 @@ def export_onnx(model: Transformer, layout: CacheLayout, path: Path) -> Path:
     n = model.config.n_layers
     steps = torch.export.Dim("steps", min=1, max=max(layout.chunk, 2))
     row = {0: steps}
-    dynamic = ({1: steps}, row, row, row, row, {0: steps, 1: steps + layout.physical_len}, [None] * (2 * n))
+    # the host binds the leading cache slots that hold tokens, not the whole ring (runtime.backends.onnx:
+    # the cache rows are dynamic); the mask covers those slots and the step's own positions (torch.export
+    # works out that sum)
+    cache_rows = torch.export.Dim("cache_rows", min=1, max=layout.physical_len)
+    dynamic = ({1: steps}, row, row, row, row, {0: steps, 1: torch.export.Dim.AUTO}, [{2: cache_rows}] * (2 * n))
     wrapper = SinkCacheStateless(model, layout).eval()
     with torch.no_grad(), fusable_norms(model):
         program = torch.onnx.export(

@@ -63,9 +63,10 @@ def attend(attn: Attention, q, keys_t, values, cos_win, sin_win, cos_sink, sin_s
 
 def stateless_attention(attn: Attention, x, cos_win, sin_win, cos_sink, sin_sink, mask, k_cache, v_cache, sink_size: int,
                         rotate_half_r):
-    """The ONNX step: k_cache, v_cache [1, n_kv_heads, L, hd] are inputs (L = physical cache length)
-    and the step's K/V are returned for the host to write (mask: [P, L + P], the cache's slots then
-    the step's own tokens). The cache is never joined with the step's K/V, nor transposed: scores
+    """The ONNX step: k_cache, v_cache [1, n_kv_heads, L, hd] are inputs (L: the leading slots the
+    host binds, those that hold tokens in whole blocks, up to the physical cache length) and the
+    step's K/V are returned for the host to write (mask: [P, L + P], those slots then the step's own
+    tokens). The cache is never joined with the step's K/V, nor transposed: scores
     against the cache (a matmul with a transposed right side, one fused kernel in ONNX Runtime) and
     against the step's keys are computed apart and joined, and the output sums the two products
     with the values. Joining copied every layer's cache three times a step (int4 SmolLM2 on ONNX
