@@ -2,8 +2,8 @@
 
 Prompts are prefilled chunk by chunk (a prompt longer than the whole cache just evicts as it goes),
 through the backend's causal prefill while the cache still fills in order and only the last logits
-are wanted (its causal_until); single tokens take the 1-position decode step (from the backend's
-decode_from position on). Memory and per-token work do not depend on how long
+are wanted (its causal_until), and one token at a time past its chunk_until where it has one;
+single tokens take the 1-position decode step (from the backend's decode_from position on). Memory and per-token work do not depend on how long
 the conversation has been.
 """
 
@@ -35,9 +35,13 @@ class CachedSession:
         ids = list(ids)
         if not ids:
             raise PocketLMError("nothing to feed: the prompt encodes to zero tokens; pass a non-empty prompt")
-        chunk, outs = self.layout.chunk, []
-        for start in range(0, len(ids), chunk):
-            piece = ids[start : start + chunk]
+        chunk, outs, start = self.layout.chunk, [], 0
+        while start < len(ids):
+            n = min(chunk, len(ids) - start)
+            until = self.backend.chunk_until
+            if until is not None and self.n_seen + n > until:  # its chunks end there; then a token a step
+                n = max(until - self.n_seen, 1)
+            piece, start = ids[start : start + n], start + n
             # a backend's single-token method may not serve the first positions (ExecuTorch's: the sinks)
             width = 1 if len(piece) == 1 and self.n_seen >= self.backend.decode_from else chunk
             step = self.schedule.step_inputs(piece, width)

@@ -64,30 +64,44 @@ def _feed_pieces(session, ids, pieces):
 
 @pytest.mark.parametrize("row_block", [1, 4])
 def test_onnx_binds_only_the_cache_rows_that_hold_tokens(tiny_bundle, row_block):
-    """The float program's cache length is dynamic: the backend binds the leading slots that hold
-    tokens, in whole blocks of rows, moving each head's rows apart as the ring fills (the whole ring
-    once it is full), and a reset starts again from one block. Chunks and single tokens through the
-    wrap must still equal the reference."""
+    """The float program's cache length is dynamic: the backend binds the rows a step reads and
+    writes, in whole blocks, moving each head's rows apart as the ring fills (the whole ring and its
+    spare row once it is full), and a reset starts again from one block. Chunks end where the ring
+    wraps (then a token a step). Chunks and single tokens through the wrap must equal the reference."""
     from pocketlm.runtime.backends.onnx import OnnxBackend
 
     src, out = tiny_bundle
     bundle = Bundle.open(out)
     backend = OnnxBackend(bundle.program_path("onnx"), bundle.cache_shapes(), program=bundle.manifest["programs"]["onnx"],
-                          row_block=row_block)
+                          sink_size=bundle.layout.sink_size, row_block=row_block)
     assert backend.capacity == row_block and backend.caches[0].shape[2] == row_block
+    assert backend.chunk_until == bundle.layout.cache_len == 16
     capacities, set_capacity = [], backend._set_capacity
     backend._set_capacity = lambda c: capacities.append(c) or set_capacity(c)
+    widths, step = [], backend.step
+    backend.step = lambda inputs: widths.append(inputs.n_valid) or step(inputs)
     session = CachedSession(backend, bundle.layout, bundle.rope_freq)
     pieces = [7, 1, 1, 3, 1, 12, 1, 1, 1, 2, 5, 1]
     ref = _feed_pieces(reference_session(load_model(src)[0], bundle.layout), STREAM, pieces)
     assert np.abs(_feed_pieces(session, STREAM, pieces) - ref).max() < 1e-4
-    cache_len = bundle.layout.cache_len  # 16: the trash slot after it is never bound (a multiple of the block)
-    assert capacities == ([8, 12, 16] if row_block == 4 else [5, 7, 8, 9, 12, 13, 16]), capacities
-    assert backend.capacity == cache_len and backend.caches[0].shape[2] == cache_len
+    # chunks of 5; the 12-token piece at 13: 3 tokens as a chunk up to the wrap, then one at a time, as is all after
+    assert widths[:7] == [5, 2, 1, 1, 3, 1, 3] and set(widths[7:]) == {1}, widths
+    physical = bundle.layout.physical_len  # 17: once the ring is full, a token is written to the spare row first
+    assert capacities == ([8, 12, 16, 17] if row_block == 4 else [5, 7, 8, 9, 12, 13, 16, 17]), capacities
+    assert backend.capacity == physical and backend.caches[0].shape[2] == physical
     session.reset()
     assert backend.capacity == row_block
     fresh = _feed_pieces(reference_session(load_model(src)[0], bundle.layout), STREAM[:20], [7, 1])
     assert np.abs(_feed_pieces(session, STREAM[:20], [7, 1]) - fresh).max() < 1e-4
+
+
+def test_onnx_program_without_sinks_matches_the_reference_while_the_ring_wraps(tiny_bundle, tmp_path):
+    """No sink rows to re-rotate: past the wrap every token goes to the spare row, then to its slot."""
+    src, _ = tiny_bundle
+    bundle = Bundle.open(export_bundle(src, tmp_path / "no_sinks", backends=("onnx",), sink_size=0, window_size=12, chunk=5))
+    pieces = [7, 1, 1, 3, 1, 12]
+    ref = _feed_pieces(reference_session(load_model(src)[0], bundle.layout), STREAM, pieces)
+    assert np.abs(_feed_pieces(_session(bundle, "onnx"), STREAM, pieces) - ref).max() < 1e-4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -133,16 +147,19 @@ def test_onnx_io_follows_the_past_present_convention(tiny_bundle):
     assert (tiny_bundle[1] / "model.onnx.data").exists()
 
 
-def test_the_onnx_step_reads_the_cache_without_copying_it_and_its_norms_fuse(tiny_bundle, tmp_path):
-    """No node joins or transposes a past cache input (each would copy the whole cache every step);
+def test_the_onnx_step_attends_with_one_fused_kernel_per_layer_and_its_norms_fuse(tiny_bundle, tmp_path):
+    """Each layer's attention is one com.microsoft GroupQueryAttention, the only reader of the past
+    cache and the writer of the present one (so nothing joins, transposes or copies the cache);
     ONNX Runtime fuses every RMSNorm into one SimplifiedLayerNormalization when it loads the graph;
     RoPE's rotate_half is one MatMul with a constant, not a split, a negation and a concat."""
     import onnxruntime as ort
 
     m = onnx.load(str(tiny_bundle[1] / "model.onnx"), load_external_data=False)
     past = {i.name for i in m.graph.input if i.name.startswith("past_key_values.")}
-    readers = [n.op_type for n in m.graph.node for i in n.input if i in past]
-    assert readers and not {"Concat", "Transpose"} & set(readers), readers
+    readers = [(n.op_type, n.domain) for n in m.graph.node for i in n.input if i in past]
+    assert len(past) == 4 and readers == [("GroupQueryAttention", "com.microsoft")] * 4, readers
+    writers = {o: n.op_type for n in m.graph.node for o in n.output}
+    assert {writers[o.name] for o in m.graph.output if o.name.startswith("present.")} == {"GroupQueryAttention"}
     assert "Neg" not in {n.op_type for n in m.graph.node}
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")

@@ -240,45 +240,47 @@ def test_the_rotate_half_matrix_is_exactly_rotate_half():
     assert torch.equal(x @ rotate_half_matrix(64), rotate_half(x))
 
 
-class StatelessEager:
-    """The ONNX step module (SinkCacheStateless) run eagerly the way the ONNX backend runs it: the host
-    keeps the cache, passes it in, and writes the returned K/V into their slots."""
+class _OneAttention(torch.nn.Module):
+    def forward(self, q, k, v, k_cache, v_cache, bias, seqlens_k, total):
+        from pocketlm.toolchain.model.grouped_attention import grouped_query_attention
 
-    decode_from = causal_until = 0
-
-    def __init__(self, model, layout):
-        from pocketlm.toolchain.model.sink_cache import SinkCacheStateless, cache_shapes
-
-        self.module = SinkCacheStateless(model, layout).eval()
-        self.caches = [torch.zeros(s) for s in cache_shapes(model, layout) for _ in ("key", "value")]
-
-    @torch.no_grad()
-    def step(self, inputs: StepInputs) -> np.ndarray:
-        logits, *new = self.module(*[torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.as_tuple()[:6]], self.caches)
-        for cache, fresh in zip(self.caches, new):
-            cache[:, :, torch.from_numpy(inputs.slots)] = fresh
-        return logits[0].numpy()
-
-    def reset(self) -> None:
-        for cache in self.caches:
-            cache.zero_()
+        return grouped_query_attention(q, k, v, k_cache, v_cache, bias, seqlens_k, total, 6, 2)
 
 
-@pytest.mark.parametrize("sinks", [4, 0])
-def test_the_onnx_step_module_matches_the_oracle_with_fused_projections_and_fusable_norms(tiny, sinks):
-    """SinkCacheStateless as ONNX export traces it (q|k|v as one linear, the norms ONNX Runtime fuses),
-    over a stream that wraps the ring: scores against the cache and the step's own keys apart."""
-    import copy
+@pytest.mark.parametrize("past, p", [(0, 5), (5, 3), (11, 1)])
+def test_the_grouped_attention_op_is_onnx_runtimes_kernel(tmp_path, past, p):
+    """The ONNX step traces pocketlm::grouped_query_attention and ONNX Runtime runs its
+    GroupQueryAttention in its place: with the cache bound as both past and present (one buffer),
+    the kernel must write the step's rows at [T - P, T) and attend causally over [0, T) plus the
+    bias, exactly what the eager op computes. The bias hides one old row (the slot a wrapped step evicts)."""
+    import onnxruntime as ort
 
-    from pocketlm.toolchain.export.onnx_export import FusableRMSNorm, fusable_norms
-    from pocketlm.toolchain.model.fuse import fuse_projections_
+    from pocketlm.toolchain.export.onnx_export import _declare_grouped_query_attention, _grouped_query_attention_onnx
+    from pocketlm.toolchain.model.grouped_attention import grouped_query_attention
 
-    model = copy.deepcopy(tiny)
-    fuse_projections_(model)
-    layout = CacheLayout(sinks, 12, 5)
-    with fusable_norms(model):
-        assert isinstance(model.model.norm, FusableRMSNorm)
-        session = CachedSession(StatelessEager(model, layout), layout, rope_freq(model))
-        ours = feed_in_pieces(session, STREAM[:60], [7, 1, 1, 5])
-    assert not isinstance(model.model.norm, FusableRMSNorm)  # put back
-    assert np.abs(ours - oracle_logits(tiny, STREAM[:60], sinks, 12)).max() < 1e-4
+    g = torch.Generator().manual_seed(past)
+    total, rows, hd = past + p, 12, 8
+    q, k, v = (torch.randn(1, p, n * hd, generator=g) for n in (6, 2, 2))
+    k_cache, v_cache = torch.randn(1, 2, rows, hd, generator=g), torch.randn(1, 2, rows, hd, generator=g)
+    bias = torch.zeros(1, 1, p, total)
+    bias[..., past // 2] = -1e9
+    args = (q, k, v, k_cache, v_cache, bias, torch.tensor([total - 1], dtype=torch.int32), torch.tensor(total, dtype=torch.int32))
+    want = [t.numpy() for t in _OneAttention()(*args)]
+    _declare_grouped_query_attention()
+    program = torch.onnx.export(_OneAttention(), args, custom_translation_table={
+        grouped_query_attention._opoverload: _grouped_query_attention_onnx}, opset_version=18, verbose=False)
+    program.save(str(tmp_path / "gqa.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "gqa.onnx"), providers=["CPUExecutionProvider"])
+    io, caches = session.io_binding(), [k_cache.numpy().copy(), v_cache.numpy().copy()]
+    names = [i.name for i in session.get_inputs()]
+    for name, array in zip(names, [a.numpy() for a in args[:3]] + caches + [a.numpy() for a in args[5:]]):
+        io.bind_cpu_input(name, array)
+    out_names = [o.name for o in session.get_outputs()]
+    io.bind_output(out_names[0])
+    for name, cache in zip(out_names[1:], caches):  # present = past: the same memory
+        io.bind_output(name, "cpu", 0, np.float32, cache.shape, cache.ctypes.data)
+    session.run_with_iobinding(io)
+    assert np.abs(io.copy_outputs_to_cpu()[0] - want[0]).max() < 1e-5
+    for cache, expected in zip(caches, want[1:]):
+        assert np.array_equal(cache, expected)  # rows [T - P, T) written, the rest untouched
+    assert not np.array_equal(want[1], k_cache.numpy())

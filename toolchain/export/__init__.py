@@ -168,15 +168,16 @@ def _export_one(backend: str, model: Transformer, layout: CacheLayout, path: Pat
         from .onnx_export import export_onnx
 
         export_onnx(model, layout, path)
+        attention = {"attention": "com.microsoft GroupQueryAttention, past and present cache in one buffer"}
         if not int4_group:
-            return {}
+            return attention
         from .onnx_quant import to_matmul_nbits
 
         level = 0 if onnx_int4 == "float" else 4
         n = to_matmul_nbits(path, int4_group, level)
         int8 = f" + int8 per channel MatMulNBits, {n[8]} matmul{'s' * (n[8] != 1)}" if n[8] else ""
         lookup = f"; embedding int{n['embedding']} (the LM head's codes, GatherBlockQuantized)" if n["embedding"] else ""
-        return {"weights": f"int4 MatMulNBits, group {int4_group}, {n[4]} matmuls{int8}{lookup}",
+        return {**attention, "weights": f"int4 MatMulNBits, group {int4_group}, {n[4]} matmuls{int8}{lookup}",
                 "activations": "int8 (dynamic, inside MatMulNBits)" if level else "float32",
                 "parity_thresholds": INT8_ACTIVATION_PARITY if level else {}}
     from .executorch_export import DECODE_FORM, export_executorch

@@ -1,5 +1,6 @@
 """ONNX export of the sink-window cached step: one graph, dynamic step length (1 for decode, up to
-the prefill chunk), weights in one external data file, checked with the ONNX checker."""
+the prefill chunk) and cache length, one fused attention per layer (ONNX Runtime's
+com.microsoft GroupQueryAttention), weights in one external data file, checked with the ONNX checker."""
 
 from __future__ import annotations
 
@@ -12,10 +13,44 @@ from torch import nn
 from pocketlm.runtime.backends.onnx import STEP_INPUTS, past_names, present_names
 from pocketlm.runtime.sink_cache import CacheLayout
 
-from ..model.sink_cache import SinkCacheStateless, cache_shapes
+from ..model.grouped_attention import grouped_query_attention
+from ..model.sink_cache import SinkCacheShared, cache_shapes
 from ..model.transformer import RMSNorm, Transformer
 
 OPSET = 18
+MS_DOMAIN = "com.microsoft"
+GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",
+              "sin_cache", "position_ids", "attention_bias")
+
+
+def _declare_grouped_query_attention() -> None:
+    """The ONNX exporter builds a node from its operator's schema; ONNX Runtime's contrib operators
+    have theirs inside ONNX Runtime, so the inputs, outputs and attributes this export uses are
+    declared to the onnx package (once per process)."""
+    from onnx import defs
+
+    if defs.has("GroupQueryAttention", MS_DOMAIN):
+        return
+    param, option = defs.OpSchema.FormalParameter, defs.OpSchema.FormalParameterOption
+    kinds = {"seqlens_k": "M", "total_sequence_length": "M", "position_ids": "I"}
+    inputs = [param(name, kinds.get(name, "T"), "", param_option=option.Single if i in (0, 5, 6) else option.Optional)
+              for i, name in enumerate(GQA_INPUTS)]
+    defs.register_schema(defs.OpSchema(
+        "GroupQueryAttention", MS_DOMAIN, 1, inputs=inputs,
+        outputs=[param("output", "T", ""), param("present_key", "T", ""), param("present_value", "T", "")],
+        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], ""), ("I", ["tensor(int64)"], "")],
+        attributes=[defs.OpSchema.Attribute("num_heads", defs.OpSchema.AttrType.INT, ""),
+                    defs.OpSchema.Attribute("kv_num_heads", defs.OpSchema.AttrType.INT, "")]))
+
+
+def _grouped_query_attention_onnx(query, key, value, key_cache, value_cache, attention_bias, seqlens_k, total_sequence_length,
+                                  num_heads: int, kv_num_heads: int):
+    """pocketlm::grouped_query_attention as the com.microsoft node (no rotary inside: the keys come rotated)."""
+    import onnxscript
+
+    msft = onnxscript.values.Opset(MS_DOMAIN, 1)
+    return msft.GroupQueryAttention(query, key, value, key_cache, value_cache, seqlens_k, total_sequence_length, None, None,
+                                    None, attention_bias, num_heads=num_heads, kv_num_heads=kv_num_heads)
 
 
 class FusableRMSNorm(nn.Module):
@@ -47,25 +82,26 @@ def fusable_norms(model: Transformer):
 
 def example_inputs(model: Transformer, layout: CacheLayout, t: int):
     hd = model.config.head_dim
-    rope = [torch.ones(t, hd) for _ in range(4)]
-    mask = torch.zeros(t, layout.physical_len + t)
     past = [torch.zeros(s) for s in cache_shapes(model, layout) for _ in ("key", "value")]
-    return (torch.zeros(1, t, dtype=torch.long), *rope, mask, past)
+    total = layout.physical_len
+    return (torch.zeros(1, t, dtype=torch.long), torch.ones(t, hd), torch.ones(t, hd), torch.zeros(1, 1, t, total),
+            torch.tensor([total - 1], dtype=torch.int32), torch.tensor(total, dtype=torch.int32), past)
 
 
 def export_onnx(model: Transformer, layout: CacheLayout, path: Path) -> Path:
     """Write model.onnx (+ model.onnx.data) at path."""
     import onnx
 
+    _declare_grouped_query_attention()
     n = model.config.n_layers
     steps = torch.export.Dim("steps", min=1, max=max(layout.chunk, 2))
     row = {0: steps}
-    # the host binds the leading cache slots that hold tokens, not the whole ring (runtime.backends.onnx:
-    # the cache rows are dynamic); the mask covers those slots and the step's own positions (torch.export
-    # works out that sum)
+    # the host binds the cache rows that hold tokens plus the step's own (runtime.backends.onnx: the
+    # cache rows are dynamic), and the keys a step attends to are a prefix of them
     cache_rows = torch.export.Dim("cache_rows", min=1, max=layout.physical_len)
-    dynamic = ({1: steps}, row, row, row, row, {0: steps, 1: torch.export.Dim.AUTO}, [{2: cache_rows}] * (2 * n))
-    wrapper = SinkCacheStateless(model, layout).eval()
+    keys = torch.export.Dim("keys", min=1, max=layout.physical_len)
+    dynamic = ({1: steps}, row, row, {2: steps, 3: keys}, None, None, [{2: cache_rows}] * (2 * n))
+    wrapper = SinkCacheShared(model, layout).eval()
     with torch.no_grad(), fusable_norms(model):
         program = torch.onnx.export(
             wrapper,
@@ -76,6 +112,7 @@ def export_onnx(model: Transformer, layout: CacheLayout, path: Path) -> Path:
             opset_version=OPSET,
             optimize=True,
             verbose=False,
+            custom_translation_table={grouped_query_attention._opoverload: _grouped_query_attention_onnx},
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=True)

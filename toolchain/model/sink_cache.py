@@ -8,8 +8,8 @@ its in-cache position for the sinks). Two wrappers:
   fused attention (each KV head's query group as one block of rows), with the sinks re-rotated
   instead of a second query rotation, and its causal form serves prompt chunks while the cache
   still fills in order through the same kernel;
-- SinkCacheStateless takes the cache as inputs and returns only the new K/V (the ONNX program; the
-  host writes them into its ring, so no step copies the whole cache).
+- SinkCacheShared takes the cache as inputs and returns it with the step's rows written, through
+  one fused attention per layer over a buffer the host binds as both (the ONNX program).
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ from torch import nn
 
 from pocketlm.runtime.sink_cache import CacheLayout
 
+from .grouped_attention import grouped_query_attention
 from .rope import ROTATE_HALF, apply_rope, rotate_half, rotate_half_matrix
 from .transformer import Attention, Transformer
 
 
-def _rotated_queries(attn: Attention, q, cos_win, sin_win, cos_sink, sin_sink, rotate=rotate_half):
+def _rotated_queries(attn: Attention, q, cos_win, sin_win, cos_sink, sin_sink):
     """q: un-rotated [1, n_heads, P, hd] -> (q_win, q_sink), each [n_kv_heads, group * P, hd]: the
     query rotated at its true position (for the window) and at its in-cache position (for the
     sinks), each KV head's query group folded into the rows, so the cache is never expanded."""
-    q_rot = rotate(q)  # shared by both rotations of the query
+    q_rot = rotate_half(q)  # shared by both rotations of the query
     q_win = q * cos_win + q_rot * sin_win
     q_sink = q * cos_sink + q_rot * sin_sink
     rows = (attn.n_heads // attn.n_kv_heads) * q.shape[2]
@@ -61,31 +62,26 @@ def attend(attn: Attention, q, keys_t, values, cos_win, sin_win, cos_sink, sin_s
     return _heads_out(attn, torch.bmm(_masked_softmax(attn, scores, mask), values))
 
 
-def stateless_attention(attn: Attention, x, cos_win, sin_win, cos_sink, sin_sink, mask, k_cache, v_cache, sink_size: int,
-                        rotate_half_r):
-    """The ONNX step: k_cache, v_cache [1, n_kv_heads, L, hd] are inputs (L: the leading slots the
-    host binds, those that hold tokens in whole blocks, up to the physical cache length) and the
-    step's K/V are returned for the host to write (mask: [P, L + P], those slots then the step's own
-    tokens). The cache is never joined with the step's K/V, nor transposed: scores
-    against the cache (a matmul with a transposed right side, one fused kernel in ONNX Runtime) and
-    against the step's keys are computed apart and joined, and the output sums the two products
-    with the values. Joining copied every layer's cache three times a step (int4 SmolLM2 on ONNX
-    Runtime, 2 threads: decode 107.9 -> 147.4 tok/s without it, bench/results/onnx_step_forms.json).
-    RoPE's rotate_half is a matmul with rotate_half_r (rope.rotate_half_matrix): ONNX Runtime runs
-    one node for it, not three.
-    Returns (output [1, P, dim], k_new, v_new [1, n_kv_heads, P, hd])."""
-    q, k, v = attn.project_qkv(x)
+def shared_cache_attention(attn: Attention, x, cos, sin, attention_bias, seqlens_k, total, k_cache, v_cache,
+                           rotate_half_r):
+    """The ONNX step, one fused attention per layer (model.grouped_attention: ONNX Runtime's
+    GroupQueryAttention with the past and present caches in one buffer). k_cache, v_cache
+    [1, n_kv_heads, L, hd] are the host's ring, bound as both the past input and the present output:
+    the step's keys (rotated at their true positions) and values are written at rows [T - P, T) and
+    the queries attend to rows [0, T) (causal within the step, plus attention_bias [1, 1, P, T]).
+    The query is rotated once, at its true position (cos, sin: [P, hd]): the host keeps the sink rows
+    re-rotated for it once the ring has wrapped (runtime.backends.onnx). Everything stays in
+    [1, P, heads, hd] rows, so no node transposes; RoPE's rotate_half is a matmul with rotate_half_r
+    (rope.rotate_half_matrix), one node where a split, a negation and a concat were.
+    Returns (output [1, P, dim], present key, present value)."""
+    b, p, _ = x.shape
+    q, k, v = attn.project_qkv_rows(x)
     rotate = lambda t: torch.matmul(t, rotate_half_r)  # noqa: E731
-    k_new = apply_rope(k, cos_win, sin_win, rotate)  # keys are stored at their true positions
-    n_kv, hd, length = attn.n_kv_heads, attn.head_dim, k_cache.shape[2]
-    q_win, q_sink = _rotated_queries(attn, q, cos_win, sin_win, cos_sink, sin_sink, rotate)
-    k_old, v_old = k_cache.view(n_kv, length, hd), v_cache.view(n_kv, length, hd)
-    scores = [torch.matmul(q_win, k_old.transpose(1, 2)), torch.matmul(q_win, k_new.view(n_kv, -1, hd).transpose(1, 2))]
-    if sink_size:  # the sink slots are rescored with the query at its in-cache position
-        scores = [torch.matmul(q_sink, k_old[:, :sink_size].transpose(1, 2)), scores[0][:, :, sink_size:], scores[1]]
-    probs = _masked_softmax(attn, torch.cat(scores, dim=-1), mask)
-    out = torch.matmul(probs[:, :, :length], v_old) + torch.matmul(probs[:, :, length:], v.view(n_kv, -1, hd))
-    return _heads_out(attn, out), k_new, v
+    q = apply_rope(q, cos, sin, rotate).reshape(b, p, attn.n_heads * attn.head_dim)
+    k = apply_rope(k, cos, sin, rotate).reshape(b, p, attn.n_kv_heads * attn.head_dim)
+    out, k_cache, v_cache = grouped_query_attention(q, k, v.reshape(b, p, -1), k_cache, v_cache, attention_bias, seqlens_k,
+                                                    total, attn.n_heads, attn.n_kv_heads)
+    return attn.o_proj(out), k_cache, v_cache
 
 
 def chunk_attention(attn: Attention, x, cos_win, sin_win, cos_sink, sin_sink, mask, k_cache, v_cache, sink_keys,
@@ -265,8 +261,10 @@ class ProgramMethod(nn.Module):
         return getattr(self.program, self.method)(*inputs)
 
 
-class SinkCacheStateless(nn.Module):
-    """Cache in, new slots out: forward(tokens, ..., mask, past) -> (logits, k_new_0, v_new_0, ...)."""
+class SinkCacheShared(nn.Module):
+    """The ONNX program: forward(tokens, cos, sin, attention_bias, seqlens_k, total_sequence_length,
+    past) -> (logits, present_0_key, present_0_value, ...), each present the past's buffer with the
+    step's rows written (shared_cache_attention)."""
 
     def __init__(self, model: Transformer, layout: CacheLayout):
         super().__init__()
@@ -274,15 +272,16 @@ class SinkCacheStateless(nn.Module):
         # one constant for every layer, named so the int4 rewrite leaves it a float MatMul (exact)
         self.register_buffer(ROTATE_HALF, rotate_half_matrix(model.config.head_dim), persistent=False)
 
-    def forward(self, tokens, cos_win, sin_win, cos_sink, sin_sink, mask, past: list[torch.Tensor]):
-        new_kv = []
+    def forward(self, tokens, cos, sin, attention_bias, seqlens_k, total, past: list[torch.Tensor]):
+        present = []
         r = getattr(self, ROTATE_HALF)
+        cos, sin = cos[:, None], sin[:, None]  # [P, 1, hd]: every head of a position rotates alike
 
         def attention(i, attn, x):
-            out, k_new, v_new = stateless_attention(attn, x, cos_win, sin_win, cos_sink, sin_sink, mask,
-                                                    past[2 * i], past[2 * i + 1], self.layout.sink_size, r)
-            new_kv.extend((k_new, v_new))
+            out, k_cache, v_cache = shared_cache_attention(attn, x, cos, sin, attention_bias, seqlens_k, total,
+                                                           past[2 * i], past[2 * i + 1], r)
+            present.extend((k_cache, v_cache))
             return out
 
         logits = _layers_forward(self.model, tokens, attention)
-        return (logits, *new_kv)
+        return (logits, *present)
