@@ -2,7 +2,7 @@
 
 Prompts are prefilled chunk by chunk (a prompt longer than the whole cache just evicts as it goes),
 through the backend's causal prefill while the cache still fills in order and only the last logits
-are wanted (its causal_until), and one token at a time past its chunk_until where it has one;
+are wanted (its causal_until), split where the backend's chunk_break says no step may straddle;
 single tokens take the 1-position decode step (from the backend's decode_from position on). Memory and per-token work do not depend on how long
 the conversation has been.
 """
@@ -38,9 +38,9 @@ class CachedSession:
         chunk, outs, start = self.layout.chunk, [], 0
         while start < len(ids):
             n = min(chunk, len(ids) - start)
-            until = self.backend.chunk_until
-            if until is not None and self.n_seen + n > until:  # its chunks end there; then a token a step
-                n = max(until - self.n_seen, 1)
+            brk = self.backend.chunk_break
+            if brk is not None and self.n_seen < brk < self.n_seen + n:  # a step may not straddle it
+                n = brk - self.n_seen
             piece, start = ids[start : start + n], start + n
             # a backend's single-token method may not serve the first positions (ExecuTorch's: the sinks)
             width = 1 if len(piece) == 1 and self.n_seen >= self.backend.decode_from else chunk

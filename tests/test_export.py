@@ -65,17 +65,18 @@ def _feed_pieces(session, ids, pieces):
 @pytest.mark.parametrize("row_block", [1, 4])
 def test_onnx_binds_only_the_cache_rows_that_hold_tokens(tiny_bundle, row_block):
     """The float program's cache length is dynamic: the backend binds the rows a step reads and
-    writes, in whole blocks, moving each head's rows apart as the ring fills (the whole ring and its
-    spare row once it is full), and a reset starts again from one block. Chunks end where the ring
-    wraps (then a token a step). Chunks and single tokens through the wrap must equal the reference."""
+    writes, in whole blocks, moving each head's rows apart as the ring fills (then the whole ring and
+    the spare rows a wrapped step needs: each query's sink copies and the step's own tokens), and a
+    reset starts again from one block. No step straddles the wrap. Chunks and single tokens through
+    the wrap must equal the reference."""
     from pocketlm.runtime.backends.onnx import OnnxBackend
 
     src, out = tiny_bundle
     bundle = Bundle.open(out)
     backend = OnnxBackend(bundle.program_path("onnx"), bundle.cache_shapes(), program=bundle.manifest["programs"]["onnx"],
-                          sink_size=bundle.layout.sink_size, row_block=row_block)
+                          layout=bundle.layout, row_block=row_block)
     assert backend.capacity == row_block and backend.caches[0].shape[2] == row_block
-    assert backend.chunk_until == bundle.layout.cache_len == 16
+    assert backend.chunk_break == bundle.layout.cache_len == 16
     capacities, set_capacity = [], backend._set_capacity
     backend._set_capacity = lambda c: capacities.append(c) or set_capacity(c)
     widths, step = [], backend.step
@@ -84,15 +85,16 @@ def test_onnx_binds_only_the_cache_rows_that_hold_tokens(tiny_bundle, row_block)
     pieces = [7, 1, 1, 3, 1, 12, 1, 1, 1, 2, 5, 1]
     ref = _feed_pieces(reference_session(load_model(src)[0], bundle.layout), STREAM, pieces)
     assert np.abs(_feed_pieces(session, STREAM, pieces) - ref).max() < 1e-4
-    # chunks of 5; the 12-token piece at 13: 3 tokens as a chunk up to the wrap, then one at a time, as is all after
-    assert widths[:7] == [5, 2, 1, 1, 3, 1, 3] and set(widths[7:]) == {1}, widths
-    physical = bundle.layout.physical_len  # 17: once the ring is full, a token is written to the spare row first
-    assert capacities == ([8, 12, 16, 17] if row_block == 4 else [5, 7, 8, 9, 12, 13, 16, 17]), capacities
-    assert backend.capacity == physical and backend.caches[0].shape[2] == physical
+    # chunks of 5; the 12-token piece at 13 splits at the wrap (16): 3, then 5 and 4
+    assert widths[:9] == [5, 2, 1, 1, 3, 1, 3, 5, 4], widths
+    # ring 16, then (after the wrap) a 5-token step reads 16 + 5 * 4 sink copies + 5 rows: 41 at most
+    assert backend.max_rows == 16 + 5 * (4 + 1)
+    assert capacities == ([8, 12, 16, 41] if row_block == 4 else [5, 7, 8, 9, 12, 13, 16, 41]), capacities
+    assert backend.capacity == backend.max_rows and backend.caches[0].shape[2] == backend.max_rows
     session.reset()
     assert backend.capacity == row_block
-    fresh = _feed_pieces(reference_session(load_model(src)[0], bundle.layout), STREAM[:20], [7, 1])
-    assert np.abs(_feed_pieces(session, STREAM[:20], [7, 1]) - fresh).max() < 1e-4
+    fresh = _feed_pieces(reference_session(load_model(src)[0], bundle.layout), STREAM[:40], [7, 1, 12, 1, 5])
+    assert np.abs(_feed_pieces(session, STREAM[:40], [7, 1, 12, 1, 5]) - fresh).max() < 1e-4
 
 
 def test_onnx_program_without_sinks_matches_the_reference_while_the_ring_wraps(tiny_bundle, tmp_path):

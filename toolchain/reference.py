@@ -30,7 +30,7 @@ class TorchBackend:
     name = "pytorch"
     decode_from = 0
     causal_until = 0  # every chunk takes the masked step
-    chunk_until = None
+    chunk_break = None
 
     def __init__(self, model: Transformer, layout: CacheLayout):
         self.program = SinkCacheProgram(model, layout).eval()

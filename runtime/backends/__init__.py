@@ -16,7 +16,7 @@ class Backend(Protocol):
     name: str
     decode_from: int  # the first position its single-token step serves; earlier single tokens go as a chunk
     causal_until: int  # prefill_last serves chunks ending by this position (0: it has none)
-    chunk_until: int | None  # multi-token steps serve positions below this; later tokens go one a step (None: all)
+    chunk_break: int | None  # a position no multi-token step may straddle (None: any step goes)
 
     def step(self, inputs: StepInputs) -> np.ndarray:
         """Run one step (1 or `chunk` positions), update the cache, return float32 logits [P, vocab]."""
@@ -38,7 +38,7 @@ def load_backend(bundle, name: str, threads: int = 2) -> Backend:
     if name == "onnx":
         from .onnx import OnnxBackend
 
-        return OnnxBackend(path, bundle.cache_shapes(), threads, bundle.manifest["programs"][name], bundle.layout.sink_size)
+        return OnnxBackend(path, bundle.cache_shapes(), threads, bundle.manifest["programs"][name], bundle.layout)
     from .executorch import ExecuTorchBackend
 
     return ExecuTorchBackend(path, threads, bundle.manifest["programs"][name])

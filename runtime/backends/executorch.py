@@ -101,7 +101,7 @@ class ExecuTorchBackend:
         # programs before prefill_causal send every chunk through the masked prefill
         self.causal = et_program.load_method("prefill_causal") if "prefill_causal" in et_program.method_names else None
         self.causal_until = self._constant(et_program, "get_cache_len") if self.causal else 0
-        self.chunk_until = None  # the masked prefill serves chunks anywhere
+        self.chunk_break = None  # the masked prefill serves chunks anywhere
 
     def _masked_prefill(self):
         """Loaded on first use: each loaded method's XNNPACK delegates hold their own packed weights

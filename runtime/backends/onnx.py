@@ -4,18 +4,19 @@ The float program (one com.microsoft GroupQueryAttention per layer, toolchain/ex
 takes each ring as both its past input and its present output, one buffer: the kernel writes the
 step's K/V at rows [T - P, T) and attends to rows [0, T), T = the filled slots plus the step's own
 (total_sequence_length), with the host's mask as its additive bias. Slots fill in order, so before
-the ring wraps a token's row is its slot. Once the ring is full the kernel writes the token into the
-spare row after it (the trash slot), the bias hides the slot it evicts, and the host moves the token
-into that slot after the step. The query is rotated once, at its true position: that suits every
-window key (the window is contiguous), and the host keeps the sink rows re-rotated for it, by the
-query's true minus in-cache position, from the sinks' keys as first written (the ExecuTorch
-program's decode does the same in its graph). Chunks serve the positions before the ring wraps
-(chunk_until); past that, tokens go one at a time, since each would rotate the sinks differently.
+the ring wraps a token's row is its slot. The query is rotated once, at its true position (the
+ExecuTorch decode's form): that suits every window key, since the window is contiguous, but not the
+sinks, whose in-cache distance to each query differs from the true one. So once the ring is full, a
+step of n tokens uses spare rows after the ring: for each query, the S sink keys rotated by its true
+minus in-cache position (from the keys as first written, which the ring's sink rows keep) with the
+sink values, then the step's own tokens. The bias shows each query its own copies (not the ring's
+sink rows) and hides the slots the step evicts, and the host moves the tokens into those slots
+after the step. A multi-token step may not straddle the wrap (chunk_break).
 
 Each ring [1, n_kv, rows, hd] is kept compact at a capacity of whole ROW_BLOCKs that covers the
 rows a step reads and writes (a head's rows then lie next to the next head's, so the bound array is
 a prefix of the buffer, with no copy), grown by moving the heads apart when a step needs more
-(every ROW_BLOCK tokens; the whole ring once it is full).
+(every ROW_BLOCK tokens; the ring and its spare rows once it is full).
 
 Programs exported before take the masked step: the mask [P, rows + P] over the cache and the step's
 own tokens, the new K/V returned for the host to write into their slots, the query rotated twice
@@ -32,7 +33,7 @@ import numpy as np
 
 from ..errors import PocketLMError
 from ..integer.model import dequantize_logits, integer_inputs
-from ..sink_cache import StepInputs
+from ..sink_cache import MASKED, CacheLayout, StepInputs
 
 STEP_INPUTS = ("input_ids", "cos", "sin", "attention_bias", "seqlens_k", "total_sequence_length")
 MASKED_STEP_INPUTS = ("input_ids", "cos_win", "sin_win", "cos_sink", "sin_sink", "attention_bias")
@@ -55,8 +56,8 @@ class OnnxBackend:
     decode_from = 0
     causal_until = 0  # every chunk takes the full step
 
-    def __init__(self, path: Path, cache_shapes, threads: int = 2, program: dict | None = None, sink_size: int | None = None,
-                 row_block: int = ROW_BLOCK):
+    def __init__(self, path: Path, cache_shapes, threads: int = 2, program: dict | None = None,
+                 layout: CacheLayout | None = None, row_block: int = ROW_BLOCK):
         import onnxruntime as ort
 
         program = program or {}
@@ -72,72 +73,97 @@ class OnnxBackend:
         self.past, self.outputs = past_names(n), ["logits", *present_names(n)]
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         self.shared = "seqlens_k" in inputs  # the cache is the present output too (GroupQueryAttention)
-        if self.shared and sink_size is None:
-            raise PocketLMError(f"'{path}' re-rotates its sink keys on the host: pass the bundle's sink_size")
-        self.sink_size = sink_size or 0
+        if self.shared and layout is None:
+            raise PocketLMError(f"'{path}' keeps rotated copies of the sinks on the host: pass the bundle's cache layout")
         self._input_names = STEP_INPUTS if self.shared else MASKED_STEP_INPUTS if self.logits_scale is None else INTEGER_STEP_INPUTS
         self.vocab = self.session.get_outputs()[0].shape[-1]
         self.head_dim = inputs["cos" if self.shared else "cos_win"][1]
-        self.shapes = [s for s in cache_shapes for _ in ("key", "value")]  # [1, n_kv, physical_len, hd] each
-        self.physical_len = self.shapes[0][2]
-        self.cache_len = self.physical_len - 1  # the last row is the spare (trash) slot
-        # multi-token steps serve the positions before the ring wraps (the module docstring)
-        self.chunk_until = self.cache_len if self.shared else None
+        self.physical_len = cache_shapes[0][2]  # the schedule's: the ring and its trash slot
+        self.cache_len = self.physical_len - 1
+        self.sink_size = layout.sink_size if self.shared else 0
+        # the shared-cache program's rings have spare rows after them, for a wrapped step's sink copies
+        # and its own tokens (the module docstring); a multi-token step may not straddle the wrap
+        self.max_rows = self.cache_len + layout.chunk * (self.sink_size + 1) if self.shared else self.physical_len
+        self.chunk_break = self.cache_len if self.shared else None
+        self.shapes = [(*s[:2], self.max_rows, s[3]) for s in cache_shapes for _ in ("key", "value")]
         dtype = np.float32 if self.logits_scale is None else np.int16
         self.buffers = [np.zeros(int(np.prod(s)), dtype) for s in self.shapes]  # each viewed at the capacity
         self.io = self.session.io_binding()
         # a static cache length (integer-only programs, bundles exported before): the whole ring, always
         self.row_block = self.physical_len if isinstance(inputs[self.past[0]][2], int) else row_block
-        self._bound, self._bound_key, self._sinks = {}, None, None
-        self._set_capacity(min(self.row_block, self.physical_len))
+        self._bound, self._bound_key, self._copy_masks = {}, None, {}
+        self._sinks, self._value_copies = None, 0
+        self._set_capacity(min(self.row_block, self.max_rows))
 
     def step(self, inputs: StepInputs) -> np.ndarray:
         out = self._step_shared(inputs) if self.shared else self._step_masked(inputs)
         return out if self.logits_scale is None else dequantize_logits(out, self.logits_scale)
 
     def _step_shared(self, inputs: StepInputs) -> np.ndarray:
-        n, past = inputs.n_valid, inputs.n_cached  # the step's own tokens (no padding), the rows before them
-        wrapped = past == self.cache_len
-        if past + n > self.cache_len and not (wrapped and n == 1):
-            raise PocketLMError(f"a {n}-token step after {past} cached tokens: this program takes chunks only while "
-                                f"the ring fills (chunk_until {self.chunk_until}), then one token a step")
-        total = past + n
+        n, past, c, s = inputs.n_valid, inputs.n_cached, self.cache_len, self.sink_size
+        wrapped = past == c  # n tokens (no padding) after `past` filled rows
+        if not wrapped and past + n > c:
+            raise PocketLMError(f"a {n}-token step after {past} cached tokens straddles the wrap of the {c}-slot ring: "
+                                f"split it there (chunk_break)")
+        copies = n * s if wrapped else 0  # rows [c, c + copies): the sinks rotated for each query in turn
+        rows = c + copies if wrapped else past  # where the step's own tokens go
+        total = rows + n
         self._grow(total)
-        if wrapped and self.sink_size:
-            self._rotate_sinks(inputs)
+        if copies:
+            self._write_sink_copies(inputs, n)
         feeds, bias_buffer, logits, _ = self._buffers(n)
         feeds["input_ids"][...], feeds["cos"][...], feeds["sin"][...] = inputs.tokens[:, :n], inputs.cos_win[:n], inputs.sin_win[:n]
         feeds["seqlens_k"][0], feeds["total_sequence_length"][...] = total - 1, total
-        bias = bias_buffer[: n * total].reshape(1, 1, n, total)  # the cache rows, then the step's own tokens
+        bias = bias_buffer[: n * total].reshape(1, 1, n, total)  # the ring's rows, the sink copies, the step's tokens
         bias[0, 0, :, :past] = inputs.mask[:n, :past]
-        bias[0, 0, :, past:] = inputs.mask[:n, self.physical_len : self.physical_len + n]
-        self.io.bind_input("attention_bias", "cpu", 0, bias.dtype, bias.shape, bias.ctypes.data)  # T grows each step
+        if copies:
+            bias[0, 0, :, :s] = MASKED  # the ring's sinks, at their true positions: each query reads its own copy
+            bias[0, 0, :, c:rows] = self._copy_mask(n)
+        bias[0, 0, :, rows:] = inputs.mask[:n, self.physical_len : self.physical_len + n]
+        self.io.bind_input("attention_bias", "cpu", 0, bias.dtype, bias.shape, bias.ctypes.data)  # T changes each step
         self.session.run_with_iobinding(self.io)
-        if wrapped:  # the token went to the spare row: into the slot it evicts
-            slot = int(inputs.slots[0])
-            for cache in self.caches:
-                cache[:, :, slot] = cache[:, :, self.cache_len]
+        if wrapped:  # the step's tokens went after the ring: into the slots they evict
+            if n == 1:
+                slot = int(inputs.slots[0])  # a plain view
+                for cache in self.caches:
+                    cache[:, :, slot] = cache[:, :, rows]
+            else:
+                for cache in self.caches:
+                    cache[:, :, inputs.slots[:n]] = cache[:, :, rows:total]
+            self._value_copies = copies  # rows past them now hold the step's tokens
         return logits[0].copy()  # the buffer is overwritten by the next step; a caller may keep these
 
-    def _rotate_sinks(self, inputs: StepInputs) -> None:
-        """Write each layer's sink keys rotated by d = the query's true minus in-cache position, from
-        the keys as the first tokens wrote them (at their true positions), kept from the first step
-        after the wrap: the query, rotated at its true position, then sees each sink at its in-cache
-        distance (runtime.sink_cache)."""
-        s = self.sink_size
-        keys = self.caches[0::2]
-        if self._sinks is None:
+    def _write_sink_copies(self, inputs: StepInputs, n: int) -> None:
+        """Rows [c, c + n S) after the ring: for each of the step's n queries, the S sink keys rotated
+        by d = its true minus in-cache position (from the keys as the first tokens wrote them, at
+        their true positions, which the ring's sink rows keep), and the sink values. A query rotated
+        at its true position then sees each sink at its in-cache distance (runtime.sink_cache)."""
+        s, c, hd = self.sink_size, self.cache_len, self.head_dim
+        keys, values = self.caches[0::2], self.caches[1::2]
+        if self._sinks is None:  # the ring's sink rows no longer change once it has wrapped
             first = np.concatenate([k[0, :, :s] for k in keys])  # [all layers' kv heads, S, hd]
-            half = first.shape[-1] // 2
-            self._sinks = first, np.concatenate([-first[..., half:], first[..., :half]], axis=-1)  # rotate_half
+            self._sinks = first, np.concatenate([-first[..., hd // 2 :], first[..., : hd // 2]], axis=-1)  # rotate_half
         first, rotated = self._sinks
-        cos_w, sin_w, cos_s, sin_s = inputs.cos_win[0], inputs.sin_win[0], inputs.cos_sink[0], inputs.sin_sink[0]
-        # cos(a - b) and sin(a - b) from the query's two tables
-        now = first * (cos_w * cos_s + sin_w * sin_s) + rotated * (sin_w * cos_s - cos_w * sin_s)
-        row = 0
+        cos_w, sin_w, cos_s, sin_s = inputs.cos_win[:n], inputs.sin_win[:n], inputs.cos_sink[:n], inputs.sin_sink[:n]
+        # cos(a - b) and sin(a - b) from the query's two tables, [n, hd]
+        cos_d, sin_d = (cos_w * cos_s + sin_w * sin_s)[:, None], (sin_w * cos_s - cos_w * sin_s)[:, None]
+        now = first[:, None] * cos_d + rotated[:, None] * sin_d  # [kv heads, n, S, hd]
+        head = 0
         for k in keys:
-            k[0, :, :s] = now[row : row + k.shape[1]]
-            row += k.shape[1]
+            h = k.shape[1]
+            k[0, :, c : c + n * s] = now[head : head + h].reshape(h, n * s, hd)
+            head += h
+        if self._value_copies < n * s:
+            for v in values:
+                v[0, :, c : c + n * s] = np.tile(v[0, :, :s], (1, n, 1))
+            self._value_copies = n * s
+
+    def _copy_mask(self, n: int) -> np.ndarray:
+        """[n, n S]: query i sees the S copies made for it."""
+        if n not in self._copy_masks:
+            owner = np.arange(n * self.sink_size) // self.sink_size
+            self._copy_masks[n] = np.where(owner[None, :] == np.arange(n)[:, None], 0.0, MASKED).astype(np.float32)
+        return self._copy_masks[n]
 
     def _step_masked(self, inputs: StepInputs) -> np.ndarray:
         if self.logits_scale is None:
@@ -172,7 +198,7 @@ class OnnxBackend:
             return
         old = self.capacity
         before = self.caches  # views of the same buffers at the old capacity
-        self._set_capacity(min(-(-need // self.row_block) * self.row_block, self.physical_len))
+        self._set_capacity(min(-(-need // self.row_block) * self.row_block, self.max_rows))
         for was, cache in zip(before, self.caches):
             for h in reversed(range(cache.shape[1])):
                 cache[:, h, :old] = was[:, h]  # numpy copies through a temporary where the two overlap
@@ -217,7 +243,7 @@ class OnnxBackend:
         feeds = {n: np.zeros(shape(n), types[n]) for n in self._input_names if n not in (mask_name, *STEP_INPUTS[4:])}
         if self.shared:
             feeds["seqlens_k"], feeds["total_sequence_length"] = np.zeros(1, np.int32), np.zeros((), np.int32)
-        mask = np.zeros(width * (self.physical_len + width), types[mask_name])
+        mask = np.zeros(width * (self.max_rows + width), types[mask_name])
         logits = np.zeros((1, width, self.vocab), types["logits"])
         # the masked program returns the step's K/V for the host to write; the shared one writes the rings
         fresh = [] if self.shared else [np.zeros((*s[:2], width, s[3]), types[n]) for n, s in zip(self.outputs[1:], self.shapes)]
@@ -226,5 +252,5 @@ class OnnxBackend:
     def reset(self) -> None:
         for buffer in self.buffers:
             buffer.fill(0)
-        self._sinks = None
-        self._set_capacity(min(self.row_block, self.physical_len))
+        self._sinks, self._value_copies = None, 0
+        self._set_capacity(min(self.row_block, self.max_rows))

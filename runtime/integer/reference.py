@@ -14,7 +14,7 @@ class IntegerReferenceBackend:
     name = "integer-reference"
     decode_from = 0
     causal_until = 0  # every chunk takes the masked step
-    chunk_until = None
+    chunk_break = None
 
     def __init__(self, model: IntegerModel, layout: CacheLayout):
         self.model, self.layout, self.ops = model, layout, NumpyOps()

@@ -96,10 +96,12 @@ def export_onnx(model: Transformer, layout: CacheLayout, path: Path) -> Path:
     n = model.config.n_layers
     steps = torch.export.Dim("steps", min=1, max=max(layout.chunk, 2))
     row = {0: steps}
-    # the host binds the cache rows that hold tokens plus the step's own (runtime.backends.onnx: the
-    # cache rows are dynamic), and the keys a step attends to are a prefix of them
-    cache_rows = torch.export.Dim("cache_rows", min=1, max=layout.physical_len)
-    keys = torch.export.Dim("keys", min=1, max=layout.physical_len)
+    # the host binds the rows a step reads and writes (runtime.backends.onnx: the cache rows are
+    # dynamic; once the ring is full, spare rows after it hold each query's sink copies and the
+    # step's own tokens), and the keys a step attends to are a prefix of them
+    rows = layout.cache_len + layout.chunk * (layout.sink_size + 1)
+    cache_rows = torch.export.Dim("cache_rows", min=1, max=rows)
+    keys = torch.export.Dim("keys", min=1, max=rows)
     dynamic = ({1: steps}, row, row, {2: steps, 3: keys}, None, None, [{2: cache_rows}] * (2 * n))
     wrapper = SinkCacheShared(model, layout).eval()
     with torch.no_grad(), fusable_norms(model):
