@@ -1,12 +1,19 @@
 """Decode/prefill speed, peak RSS and program size of several bundles, same run, same threads;
 ratios against the first bundle (the baseline, e.g. the float32 export). --rounds N measures every
 bundle N times, alternating (the order reversed every round), and reports medians over the rounds.
-Usage: python bench/compare_bundles.py BASELINE_BUNDLE OTHER_BUNDLE... [--backend onnx] [--threads 2] [--rounds 1] [--out FILE]"""
+--baseline-checkout DIR measures the baseline with the pocketlm checked out at DIR (e.g. `git worktree
+add DIR COMMIT`), for a program form the current runtime no longer runs.
+Usage: python bench/compare_bundles.py BASELINE_BUNDLE OTHER_BUNDLE... [--backend onnx] [--threads 2] [--rounds 1]
+[--baseline-checkout DIR] [--out FILE]"""
 
 from __future__ import annotations
 
 import argparse
 import statistics
+
+import subprocess
+import tempfile
+from pathlib import Path
 
 from _common import write_json
 
@@ -24,13 +31,17 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--name", default="compare_bundles")
+    ap.add_argument("--baseline-checkout", default=None, help="a pocketlm checkout whose runtime measures the first bundle")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     samples = {path: [] for path in args.bundles}
-    for r in range(args.rounds):
-        for path in (args.bundles if r % 2 == 0 else args.bundles[::-1]):
-            samples[path].append(measure_in_subprocess(path, args.backend, args.threads, prompt_tokens=args.prompt_tokens,
-                                                       new_tokens=args.new_tokens, runs=args.runs))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {args.bundles[0]: _import_path(args.baseline_checkout, Path(tmp))} if args.baseline_checkout else {}
+        for r in range(args.rounds):
+            for path in (args.bundles if r % 2 == 0 else args.bundles[::-1]):
+                samples[path].append(measure_in_subprocess(path, args.backend, args.threads, paths.get(path),
+                                                           prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                                           runs=args.runs))
     rows = []
     for path in args.bundles:
         bundle, points = Bundle.open(path), samples[path]
@@ -45,7 +56,23 @@ def main() -> None:
     for r in rows:
         r["vs_baseline"] = {"decode": r["decode_tok_s"] / base["decode_tok_s"], "prefill": r["prefill_tok_s"] / base["prefill_tok_s"],
                             "size": r["program_bytes"] / base["program_bytes"], "peak_rss": r["peak_rss_bytes"] / base["peak_rss_bytes"]}
-    write_json(args.name, {"backend": args.backend, "threads": args.threads, "rounds": args.rounds, "bundles": rows}, args.out)
+    baseline = {"baseline_checkout": _describe(args.baseline_checkout)} if args.baseline_checkout else {}
+    write_json(args.name, {"backend": args.backend, "threads": args.threads, "rounds": args.rounds, **baseline, "bundles": rows},
+               args.out)
+
+
+def _import_path(checkout: str, tmp: Path) -> str:
+    """A folder in which `pocketlm` is the checkout (the package is the repository root)."""
+    root = Path(checkout).resolve()
+    if not (root / "runtime" / "profile.py").is_file():
+        raise SystemExit(f"--baseline-checkout {checkout}: not a pocketlm checkout (no runtime/profile.py)")
+    (tmp / "pocketlm").symlink_to(root, target_is_directory=True)
+    return str(tmp)
+
+
+def _describe(checkout: str) -> str:
+    commit = subprocess.run(["git", "-C", checkout, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return f"{checkout} at {commit}" if commit else checkout
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ prompt / TTFT, decode tok/s over new_tokens steps, median of `runs` after a warm
 peak RSS. The .pte is made outside the repo (export_llm is not run here).
 
 Usage:
-  python bench/export_llm_peer.py PTE --tokenizer HF_FOLDER_OR_TOKENIZER_JSON [--bundle BUNDLE ...]
+  python bench/export_llm_peer.py PTE --tokenizer HF_FOLDER_OR_TOKENIZER_JSON [--bundle BUNDLE [--backend onnx] ...]
       [--threads 2] [--prompt-tokens 128] [--new-tokens 128] [--runs 3] [--ppl-tokens 2048] [--made-by SCRIPT] [--name export_llm_peer] [--out FILE]
 
---bundle (repeatable): pocketlm bundles whose ExecuTorch program is timed in the same process, in
-alternating rounds with the peer (round r runs the peer, then each bundle, in an order that reverses
+--bundle (repeatable): pocketlm bundles whose program (ExecuTorch unless --backend, given once for
+all bundles or once per bundle, says otherwise) is timed in the same process, in alternating rounds with the peer (round r runs the peer, then each bundle, in an order that reverses
 every round), same prompt and token counts; their medians and ratios to the peer are reported. On
 a shared machine only such same-process, alternating comparisons are worth a ratio.
 
@@ -90,11 +90,11 @@ class ExportLlmProgram:
         return out, ttft, time.perf_counter() - t0 - ttft
 
 
-def pocketlm_generator(bundle: str, threads: int):
-    """A bundle's ExecuTorch program in this process, producing exactly the requested tokens (no stop)."""
+def pocketlm_generator(bundle: str, backend: str, threads: int):
+    """A bundle's program in this process, producing exactly the requested tokens (no stop)."""
     from pocketlm.runtime.generate import Generator
 
-    gen = Generator(bundle, "executorch", threads)
+    gen = Generator(bundle, backend, threads)
     gen.stop_ids = set()
     gen.generate(gen.tokenizer.encode("Warm up the program."), max_new_tokens=8)
     return gen
@@ -108,12 +108,18 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--bundle", action="append", default=[], help="a pocketlm bundle to time alongside (ExecuTorch)")
+    ap.add_argument("--bundle", action="append", default=[], help="a pocketlm bundle to time alongside")
+    ap.add_argument("--backend", action="append", default=[], help="its program (default executorch): once, or once per --bundle")
     ap.add_argument("--ppl-tokens", type=int, default=0)
     ap.add_argument("--made-by", default=None, help="the script that made the .pte (its text is recorded in the JSON)")
     ap.add_argument("--name", default="export_llm_peer")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    backends = args.backend or ["executorch"]
+    if len(backends) == 1:
+        backends = backends * len(args.bundle)
+    if len(backends) != len(args.bundle):
+        ap.error("give --backend once, or once per --bundle")
 
     tokenizer = Tokenizer(args.tokenizer)
     prompt = prompt_ids(tokenizer, args.prompt_tokens)
@@ -121,7 +127,7 @@ def main() -> None:
     model = ExportLlmProgram(Path(args.pte), args.threads)
     load_s = time.perf_counter() - t0
     model.generate(prompt[:32], 8)  # warm-up
-    ours = {b: pocketlm_generator(b, args.threads) for b in args.bundle}
+    ours = {(b, be): pocketlm_generator(b, be, args.threads) for b, be in zip(args.bundle, backends)}
     ttft, prefill, decode = [], [], []
     ours_runs = {b: {"ttft": [], "prefill": [], "decode": []} for b in ours}
     for r in range(args.runs):
@@ -158,17 +164,17 @@ def main() -> None:
         ids = np.asarray(tokenizer.encode(load_text(None, "eval")), np.int64)
         row["perplexity"] = ppl_protocol.perplexity(model.window_logits, ids, 512, args.ppl_tokens).to_dict()
     row["pocketlm"] = []
-    for b, runs in ours_runs.items():
-        gen = ours[b]
-        mine = {"bundle": b, "scheme": gen.bundle.manifest["quantization"]["scheme"],
-                "weights": gen.bundle.manifest["programs"]["executorch"].get("weights"),
-                "cache": gen.bundle.manifest["cache"], "program_bytes": file_sizes(gen.bundle)["programs"]["executorch"],
+    for (b, backend), runs in ours_runs.items():
+        gen = ours[(b, backend)]
+        mine = {"bundle": b, "backend": backend, "scheme": gen.bundle.manifest["quantization"]["scheme"],
+                "weights": gen.bundle.manifest["programs"][backend].get("weights"),
+                "cache": gen.bundle.manifest["cache"], "program_bytes": file_sizes(gen.bundle)["programs"][backend],
                 "ttft_ms": 1000 * statistics.median(runs["ttft"]), "prefill_tok_s": statistics.median(runs["prefill"]),
                 "decode_tok_s": statistics.median(runs["decode"]), "decode_tok_s_runs": runs["decode"]}
         mine["vs_export_llm"] = {"decode": mine["decode_tok_s"] / row["decode_tok_s"],
                                  "prefill": mine["prefill_tok_s"] / row["prefill_tok_s"]}
         row["pocketlm"].append(mine)
-        print("pocketlm", b, {k: mine[k] for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms")}, mine["vs_export_llm"], flush=True)
+        print("pocketlm", b, backend, {k: mine[k] for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms")}, mine["vs_export_llm"], flush=True)
     print({k: row[k] for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "file_bytes", "peak_rss_bytes")}, flush=True)
     print("sample:", repr(row["sample"]))
     write_json(args.name, row, args.out)

@@ -111,12 +111,16 @@ def measure(bundle_path, backend: str, threads: int, prompt_tokens: int = DEFAUL
     }
 
 
-def measure_in_subprocess(bundle_path, backend: str, threads: int, **kw) -> dict:
+def measure_in_subprocess(bundle_path, backend: str, threads: int, import_path: str | None = None, **kw) -> dict:
+    """import_path: a folder holding a `pocketlm` package to measure with instead of this one (an
+    earlier checkout, for a program form this runtime no longer runs)."""
     cmd = [sys.executable, "-m", "pocketlm.runtime.profile", str(bundle_path), "--backend", backend, "--threads", str(threads)]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     # ExecuTorch computes on its own threadpool; OpenMP threads there only oversubscribe it (backends.executorch)
     env = {**os.environ, "OMP_NUM_THREADS": "1" if backend == "executorch" else str(threads)}
+    if import_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(import_path), os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise PocketLMError(f"profiling {backend} with {threads} threads failed:\n{proc.stderr.strip()[-2000:]}")

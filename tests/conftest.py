@@ -30,7 +30,7 @@ def one_thread():
 
 
 def tiny_hf_config(model_type: str = "llama", **overrides):
-    """A SmolLM2-shaped (GQA 3:1, tied) config, shrunk: 2 layers, dim 48, head_dim 16."""
+    """A SmolLM2-shaped (GQA 3:1, tied) config, shrunk: 2 layers, dim 48, head_dim 16 (six heads of 16: q is wider than dim)."""
     from transformers import AutoConfig
 
     kw = dict(
@@ -40,7 +40,7 @@ def tiny_hf_config(model_type: str = "llama", **overrides):
         num_hidden_layers=2,
         num_attention_heads=6,
         num_key_value_heads=2,
-        head_dim=8,
+        head_dim=16,  # ONNX Runtime's GroupQueryAttention rotates heads of a multiple of 16
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,

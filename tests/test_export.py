@@ -1,13 +1,14 @@
 """Exported programs (ONNX Runtime, ExecuTorch) against the PyTorch reference on the same stream."""
 
 import json
+import shutil
 
 import numpy as np
 import onnx
 import pytest
 
 from pocketlm.runtime.backends import load_backend
-from pocketlm.runtime.bundle import Bundle
+from pocketlm.runtime.bundle import Bundle, sha256_file
 from pocketlm.runtime.errors import PocketLMError
 from pocketlm.runtime.generate import Generator
 from pocketlm.runtime.session import CachedSession
@@ -16,7 +17,7 @@ from pocketlm.toolchain.export import export_bundle
 from pocketlm.toolchain.load import load_model
 from pocketlm.toolchain.reference import reference_session
 
-from conftest import TINY_VOCAB
+from conftest import TINY_VOCAB, tiny_hf_model
 
 BACKENDS = ("onnx", "executorch")
 STREAM = np.random.default_rng(1).integers(3, TINY_VOCAB, 70).tolist()
@@ -151,9 +152,10 @@ def test_onnx_io_follows_the_past_present_convention(tiny_bundle):
 
 def test_the_onnx_step_attends_with_one_fused_kernel_per_layer_and_its_norms_fuse(tiny_bundle, tmp_path):
     """Each layer's attention is one com.microsoft GroupQueryAttention, the only reader of the past
-    cache and the writer of the present one (so nothing joins, transposes or copies the cache);
-    ONNX Runtime fuses every RMSNorm into one SimplifiedLayerNormalization when it loads the graph;
-    RoPE's rotate_half is one MatMul with a constant, not a split, a negation and a concat."""
+    cache and the writer of the present one (so nothing joins, transposes or copies the cache), and
+    of the RoPE tables: it takes the fused q|k|v projection as it comes and rotates it itself, so no
+    node lies between the projection and the kernel. ONNX Runtime fuses every RMSNorm into one
+    SimplifiedLayerNormalization when it loads the graph."""
     import onnxruntime as ort
 
     m = onnx.load(str(tiny_bundle[1] / "model.onnx"), load_external_data=False)
@@ -162,7 +164,13 @@ def test_the_onnx_step_attends_with_one_fused_kernel_per_layer_and_its_norms_fus
     assert len(past) == 4 and readers == [("GroupQueryAttention", "com.microsoft")] * 4, readers
     writers = {o: n.op_type for n in m.graph.node for o in n.output}
     assert {writers[o.name] for o in m.graph.output if o.name.startswith("present.")} == {"GroupQueryAttention"}
-    assert "Neg" not in {n.op_type for n in m.graph.node}
+    attention = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+    assert [writers[n.input[0]] for n in attention] == ["MatMul"] * 2  # the q|k|v projection, nothing after it
+    assert all(list(n.input[1:3]) == ["", ""] and list(n.input[7:9]) == ["cos_cache", "sin_cache"] for n in attention)
+    assert all({a.name: a.i for a in n.attribute}["do_rotary"] == 1 for n in attention)
+    tables = [n.op_type for n in m.graph.node for i in n.input if i in ("cos_cache", "sin_cache")]
+    assert tables == ["GroupQueryAttention"] * 4
+    assert not {"Neg", "Sin", "Cos"} & {n.op_type for n in m.graph.node}
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(tiny_bundle[1] / "model.onnx"), opts, providers=["CPUExecutionProvider"])
@@ -223,6 +231,31 @@ def test_a_failed_export_leaves_no_bundle(tiny_bundle, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         export_bundle(tiny_bundle[0], tmp_path / "out" / "b", ("onnx",), window_size=12, chunk=4)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_onnx_programs_the_runtime_cannot_run_are_refused_with_the_fix(tiny_bundle, tiny_tokenizer_dir, tmp_path):
+    """A model whose heads ONNX Runtime cannot rotate is refused before anything is written; a
+    program of the short-lived form that rotated outside GroupQueryAttention asks for a re-export."""
+    src = tmp_path / "hd8"
+    tiny_hf_model(head_dim=8).save_pretrained(src)
+    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", src / "tokenizer.json")
+    with pytest.raises(PocketLMError, match=r"head_dim is 8: export it with --backend executorch"):
+        export_bundle(src, tmp_path / "out" / "b", ("onnx",), window_size=12, chunk=4)
+    assert list((tmp_path / "out").iterdir()) == []
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle[1], old)
+    m = onnx.load(str(old / "model.onnx"), load_external_data=False)
+    rename = {"cos_cache": "cos", "sin_cache": "sin"}  # that form's inputs: per-step tables
+    for value in m.graph.input:
+        value.name = rename.get(value.name, value.name)
+    for node in m.graph.node:
+        node.input[:] = [rename.get(name, name) for name in node.input]
+    onnx.save(m, str(old / "model.onnx"))
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = sha256_file(old / "model.onnx")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PocketLMError, match=r"rotates its queries outside GroupQueryAttention.*re-export"):
+        Generator(old, "onnx")
 
 
 def test_not_a_bundle_and_unknown_schema_are_refused(tiny_bundle, tmp_path):

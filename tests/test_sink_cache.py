@@ -232,39 +232,35 @@ def test_a_single_token_step_gets_the_same_inputs_as_the_first_row_of_a_chunk():
         schedule.commit(one)
 
 
-def test_the_rotate_half_matrix_is_exactly_rotate_half():
-    """The ONNX step's RoPE multiplies by R: every output is one input times +-1 plus zeros, so exact."""
-    from pocketlm.toolchain.model.rope import rotate_half, rotate_half_matrix
-
-    x = torch.randn(1, 3, 7, 64, dtype=torch.float32) * torch.logspace(-30, 30, 64)
-    assert torch.equal(x @ rotate_half_matrix(64), rotate_half(x))
-
-
 class _OneAttention(torch.nn.Module):
-    def forward(self, q, k, v, k_cache, v_cache, bias, seqlens_k, total):
+    def forward(self, qkv, k_cache, v_cache, bias, seqlens_k, total, cos_cache, sin_cache):
         from pocketlm.toolchain.model.grouped_attention import grouped_query_attention
 
-        return grouped_query_attention(q, k, v, k_cache, v_cache, bias, seqlens_k, total, 6, 2)
+        return grouped_query_attention(qkv, k_cache, v_cache, bias, seqlens_k, total, cos_cache, sin_cache, 6, 2)
 
 
 @pytest.mark.parametrize("past, p", [(0, 5), (5, 3), (11, 1)])
 def test_the_grouped_attention_op_is_onnx_runtimes_kernel(tmp_path, past, p):
     """The ONNX step traces pocketlm::grouped_query_attention and ONNX Runtime runs its
     GroupQueryAttention in its place: with the cache bound as both past and present (one buffer),
-    the kernel must write the step's rows at [T - P, T) and attend causally over [0, T) plus the
-    bias, exactly what the eager op computes. The bias hides one old row (the slot a wrapped step evicts)."""
+    the kernel must rotate the packed queries and keys by the tables' rows [T - P, T), write the
+    step's rows at [T - P, T) and attend causally over [0, T) plus the bias, exactly what the eager
+    op computes. The bias hides one old row (the slot a wrapped step evicts); the tables are longer
+    than T and hold other angles elsewhere (the host binds them at the capacity)."""
     import onnxruntime as ort
 
     from pocketlm.toolchain.export.onnx_export import _declare_grouped_query_attention, _grouped_query_attention_onnx
     from pocketlm.toolchain.model.grouped_attention import grouped_query_attention
 
     g = torch.Generator().manual_seed(past)
-    total, rows, hd = past + p, 12, 8
-    q, k, v = (torch.randn(1, p, n * hd, generator=g) for n in (6, 2, 2))
+    total, rows, hd = past + p, 12, 16  # ONNX Runtime rotates heads of a multiple of 16
+    qkv = torch.randn(1, p, (6 + 2 + 2) * hd, generator=g)
     k_cache, v_cache = torch.randn(1, 2, rows, hd, generator=g), torch.randn(1, 2, rows, hd, generator=g)
+    angles = torch.rand(rows, hd // 2, generator=g) * 100
     bias = torch.zeros(1, 1, p, total)
     bias[..., past // 2] = -1e9
-    args = (q, k, v, k_cache, v_cache, bias, torch.tensor([total - 1], dtype=torch.int32), torch.tensor(total, dtype=torch.int32))
+    args = (qkv, k_cache, v_cache, bias, torch.tensor([total - 1], dtype=torch.int32), torch.tensor(total, dtype=torch.int32),
+            angles.cos(), angles.sin())
     want = [t.numpy() for t in _OneAttention()(*args)]
     _declare_grouped_query_attention()
     program = torch.onnx.export(_OneAttention(), args, custom_translation_table={
@@ -273,7 +269,7 @@ def test_the_grouped_attention_op_is_onnx_runtimes_kernel(tmp_path, past, p):
     session = ort.InferenceSession(str(tmp_path / "gqa.onnx"), providers=["CPUExecutionProvider"])
     io, caches = session.io_binding(), [k_cache.numpy().copy(), v_cache.numpy().copy()]
     names = [i.name for i in session.get_inputs()]
-    for name, array in zip(names, [a.numpy() for a in args[:3]] + caches + [a.numpy() for a in args[5:]]):
+    for name, array in zip(names, [qkv.numpy()] + caches + [a.numpy() for a in args[3:]]):
         io.bind_cpu_input(name, array)
     out_names = [o.name for o in session.get_outputs()]
     io.bind_output(out_names[0])
@@ -282,5 +278,6 @@ def test_the_grouped_attention_op_is_onnx_runtimes_kernel(tmp_path, past, p):
     session.run_with_iobinding(io)
     assert np.abs(io.copy_outputs_to_cpu()[0] - want[0]).max() < 1e-5
     for cache, expected in zip(caches, want[1:]):
-        assert np.array_equal(cache, expected)  # rows [T - P, T) written, the rest untouched
+        assert np.abs(cache - expected).max() < 1e-6  # rows [T - P, T) written (keys rotated), the rest untouched
+        assert np.array_equal(cache[:, :, :past], expected[:, :, :past]) and np.array_equal(cache[:, :, total:], expected[:, :, total:])
     assert not np.array_equal(want[1], k_cache.numpy())

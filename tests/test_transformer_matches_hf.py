@@ -41,7 +41,7 @@ def test_heterogeneous_layers_match_hf_with_the_dropped_groups_zeroed():
     """Dropping a KV group or MLP channels equals zeroing their outputs in the uniform HF model."""
     hf = tiny_hf_model()
     ours = convert.from_hf_model(hf)
-    hd, group = 8, 3
+    hd, group = hf.config.head_dim, 3
     with torch.no_grad():
         # layer 0: drop KV head 1 (query heads 3..5); layer 1: drop MLP channels 0..39
         hf.model.layers[0].self_attn.o_proj.weight[:, 1 * group * hd : 2 * group * hd] = 0
@@ -51,7 +51,7 @@ def test_heterogeneous_layers_match_hf_with_the_dropped_groups_zeroed():
     assert not ours.config.is_uniform()
     assert ours.config.layers[0].n_heads == 3 and ours.config.layers[0].n_kv_heads == 1
     assert ours.config.layers[1].hidden_dim == 56
-    assert ours.model.layers[0].self_attn.q_proj.weight.shape == (24, 48)
+    assert ours.model.layers[0].self_attn.q_proj.weight.shape == (3 * hd, 48)
     assert _max_diff(ours, hf) < 1e-5
 
 

@@ -4,9 +4,11 @@ The float program (one com.microsoft GroupQueryAttention per layer, toolchain/ex
 takes each ring as both its past input and its present output, one buffer: the kernel writes the
 step's K/V at rows [T - P, T) and attends to rows [0, T), T = the filled slots plus the step's own
 (total_sequence_length), with the host's mask as its additive bias. Slots fill in order, so before
-the ring wraps a token's row is its slot. The query is rotated once, at its true position (the
-ExecuTorch decode's form): that suits every window key, since the window is contiguous, but not the
-sinks, whose in-cache distance to each query differs from the true one. So once the ring is full, a
+the ring wraps a token's row is its slot. The kernel rotates the step's queries and keys itself
+(RoPE) by the rows [T - P, T) of two tables the host binds at the ring's capacity and writes the
+step's true-position angles into, so a position is never bounded by a table. The query is rotated
+once, at its true position (the ExecuTorch decode's form): that suits every window key, since the
+window is contiguous, but not the sinks, whose in-cache distance to each query differs from the true one. So once the ring is full, a
 step of n tokens uses spare rows after the ring: for each query, the S sink keys rotated by its true
 minus in-cache position (from the keys as first written, which the ring's sink rows keep) with the
 sink values, then the step's own tokens. The bias shows each query its own copies (not the ring's
@@ -35,7 +37,7 @@ from ..errors import PocketLMError
 from ..integer.model import dequantize_logits, integer_inputs
 from ..sink_cache import MASKED, CacheLayout, StepInputs
 
-STEP_INPUTS = ("input_ids", "cos", "sin", "attention_bias", "seqlens_k", "total_sequence_length")
+STEP_INPUTS = ("input_ids", "cos_cache", "sin_cache", "attention_bias", "seqlens_k", "total_sequence_length")
 MASKED_STEP_INPUTS = ("input_ids", "cos_win", "sin_win", "cos_sink", "sin_sink", "attention_bias")
 INTEGER_STEP_INPUTS = ("input_ids", "cos_win", "sin_win", "cos_sink", "sin_sink", "attention_visible")
 ROW_BLOCK = 32  # cache rows are bound in whole blocks of slots, so the rings are moved apart every 32 tokens
@@ -73,11 +75,14 @@ class OnnxBackend:
         self.past, self.outputs = past_names(n), ["logits", *present_names(n)]
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         self.shared = "seqlens_k" in inputs  # the cache is the present output too (GroupQueryAttention)
+        if self.shared and "cos_cache" not in inputs:
+            raise PocketLMError(f"'{path}' rotates its queries outside GroupQueryAttention, a form only pocketlm's "
+                                f"exports of 2026-12-07 wrote: re-export the bundle with `pocketlm export`")
         if self.shared and layout is None:
             raise PocketLMError(f"'{path}' keeps rotated copies of the sinks on the host: pass the bundle's cache layout")
         self._input_names = STEP_INPUTS if self.shared else MASKED_STEP_INPUTS if self.logits_scale is None else INTEGER_STEP_INPUTS
         self.vocab = self.session.get_outputs()[0].shape[-1]
-        self.head_dim = inputs["cos" if self.shared else "cos_win"][1]
+        self.head_dim = cache_shapes[0][3]
         self.physical_len = cache_shapes[0][2]  # the schedule's: the ring and its trash slot
         self.cache_len = self.physical_len - 1
         self.sink_size = layout.sink_size if self.shared else 0
@@ -88,6 +93,8 @@ class OnnxBackend:
         self.shapes = [(*s[:2], self.max_rows, s[3]) for s in cache_shapes for _ in ("key", "value")]
         dtype = np.float32 if self.logits_scale is None else np.int16
         self.buffers = [np.zeros(int(np.prod(s)), dtype) for s in self.shapes]  # each viewed at the capacity
+        # RoPE's cos and sin by cache row (half-split: half a head's width), viewed at the capacity too
+        self.tables = [np.zeros((self.max_rows, self.head_dim // 2), np.float32) for _ in range(2)] if self.shared else []
         self.io = self.session.io_binding()
         # a static cache length (integer-only programs, bundles exported before): the whole ring, always
         self.row_block = self.physical_len if isinstance(inputs[self.past[0]][2], int) else row_block
@@ -112,7 +119,9 @@ class OnnxBackend:
         if copies:
             self._write_sink_copies(inputs, n)
         feeds, bias_buffer, logits, _ = self._buffers(n)
-        feeds["input_ids"][...], feeds["cos"][...], feeds["sin"][...] = inputs.tokens[:, :n], inputs.cos_win[:n], inputs.sin_win[:n]
+        feeds["input_ids"][...] = inputs.tokens[:, :n]
+        half = self.head_dim // 2  # the tables repeat each angle in both halves of a head
+        self.tables[0][rows:total], self.tables[1][rows:total] = inputs.cos_win[:n, :half], inputs.sin_win[:n, :half]
         feeds["seqlens_k"][0], feeds["total_sequence_length"][...] = total - 1, total
         bias = bias_buffer[: n * total].reshape(1, 1, n, total)  # the ring's rows, the sink copies, the step's tokens
         bias[0, 0, :, :past] = inputs.mask[:n, :past]
@@ -215,6 +224,9 @@ class OnnxBackend:
         if self.shared:
             for name, cache in zip(self.outputs[1:], self.caches):
                 self.io.bind_output(name, "cpu", 0, cache.dtype, cache.shape, cache.ctypes.data)
+            for name, table in zip(STEP_INPUTS[1:3], self.tables):
+                view = table[:capacity]
+                self.io.bind_input(name, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
         self._bound_key = None
 
     def _buffers(self, width: int):
@@ -240,7 +252,7 @@ class OnnxBackend:
         types = {i.name: ORT_TYPES[i.type] for i in (*self.session.get_inputs(), *self.session.get_outputs())}
         mask_name = "attention_bias" if self.shared else self._input_names[-1]
         shape = lambda name: (1, width) if name == "input_ids" else (width, self.head_dim)  # noqa: E731
-        feeds = {n: np.zeros(shape(n), types[n]) for n in self._input_names if n not in (mask_name, *STEP_INPUTS[4:])}
+        feeds = {n: np.zeros(shape(n), types[n]) for n in self._input_names if n not in (mask_name, *STEP_INPUTS[1:3], *STEP_INPUTS[4:])}
         if self.shared:
             feeds["seqlens_k"], feeds["total_sequence_length"] = np.zeros(1, np.int32), np.zeros((), np.int32)
         mask = np.zeros(width * (self.max_rows + width), types[mask_name])

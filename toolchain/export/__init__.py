@@ -168,7 +168,7 @@ def _export_one(backend: str, model: Transformer, layout: CacheLayout, path: Pat
         from .onnx_export import export_onnx
 
         export_onnx(model, layout, path)
-        attention = {"attention": "com.microsoft GroupQueryAttention, past and present cache in one buffer"}
+        attention = {"attention": "com.microsoft GroupQueryAttention, packed q|k|v, RoPE inside by cache row, past and present cache in one buffer"}
         if not int4_group:
             return attention
         from .onnx_quant import to_matmul_nbits

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pocketlm.runtime.backends.onnx import STEP_INPUTS, past_names, present_names
+from pocketlm.runtime.errors import PocketLMError
 from pocketlm.runtime.sink_cache import CacheLayout
 
 from ..model.grouped_attention import grouped_query_attention
@@ -40,17 +41,20 @@ def _declare_grouped_query_attention() -> None:
         outputs=[param("output", "T", ""), param("present_key", "T", ""), param("present_value", "T", "")],
         type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], ""), ("I", ["tensor(int64)"], "")],
         attributes=[defs.OpSchema.Attribute("num_heads", defs.OpSchema.AttrType.INT, ""),
-                    defs.OpSchema.Attribute("kv_num_heads", defs.OpSchema.AttrType.INT, "")]))
+                    defs.OpSchema.Attribute("kv_num_heads", defs.OpSchema.AttrType.INT, ""),
+                    defs.OpSchema.Attribute("do_rotary", defs.OpSchema.AttrType.INT, "")]))
 
 
-def _grouped_query_attention_onnx(query, key, value, key_cache, value_cache, attention_bias, seqlens_k, total_sequence_length,
-                                  num_heads: int, kv_num_heads: int):
-    """pocketlm::grouped_query_attention as the com.microsoft node (no rotary inside: the keys come rotated)."""
+def _grouped_query_attention_onnx(packed_qkv, key_cache, value_cache, attention_bias, seqlens_k, total_sequence_length,
+                                  cos_cache, sin_cache, num_heads: int, kv_num_heads: int):
+    """pocketlm::grouped_query_attention as the com.microsoft node: q|k|v packed in the query input
+    (no key, value), rotated inside by the row tables (no position_ids: the kernel reads rows [T - P, T))."""
     import onnxscript
 
     msft = onnxscript.values.Opset(MS_DOMAIN, 1)
-    return msft.GroupQueryAttention(query, key, value, key_cache, value_cache, seqlens_k, total_sequence_length, None, None,
-                                    None, attention_bias, num_heads=num_heads, kv_num_heads=kv_num_heads)
+    return msft.GroupQueryAttention(packed_qkv, None, None, key_cache, value_cache, seqlens_k, total_sequence_length,
+                                    cos_cache, sin_cache, None, attention_bias, num_heads=num_heads,
+                                    kv_num_heads=kv_num_heads, do_rotary=1)
 
 
 class FusableRMSNorm(nn.Module):
@@ -84,7 +88,7 @@ def example_inputs(model: Transformer, layout: CacheLayout, t: int):
     hd = model.config.head_dim
     past = [torch.zeros(s) for s in cache_shapes(model, layout) for _ in ("key", "value")]
     total = layout.physical_len
-    return (torch.zeros(1, t, dtype=torch.long), torch.ones(t, hd), torch.ones(t, hd), torch.zeros(1, 1, t, total),
+    return (torch.zeros(1, t, dtype=torch.long), torch.ones(total, hd // 2), torch.zeros(total, hd // 2), torch.zeros(1, 1, t, total),
             torch.tensor([total - 1], dtype=torch.int32), torch.tensor(total, dtype=torch.int32), past)
 
 
@@ -92,17 +96,21 @@ def export_onnx(model: Transformer, layout: CacheLayout, path: Path) -> Path:
     """Write model.onnx (+ model.onnx.data) at path."""
     import onnx
 
+    hd = model.config.head_dim
+    if hd % 16:
+        raise PocketLMError(f"ONNX Runtime's GroupQueryAttention rotates heads whose size is a multiple of 16, and this "
+                            f"model's head_dim is {hd}: export it with --backend executorch")
     _declare_grouped_query_attention()
     n = model.config.n_layers
     steps = torch.export.Dim("steps", min=1, max=max(layout.chunk, 2))
-    row = {0: steps}
     # the host binds the rows a step reads and writes (runtime.backends.onnx: the cache rows are
     # dynamic; once the ring is full, spare rows after it hold each query's sink copies and the
     # step's own tokens), and the keys a step attends to are a prefix of them
     rows = layout.cache_len + layout.chunk * (layout.sink_size + 1)
     cache_rows = torch.export.Dim("cache_rows", min=1, max=rows)
     keys = torch.export.Dim("keys", min=1, max=rows)
-    dynamic = ({1: steps}, row, row, {2: steps, 3: keys}, None, None, [{2: cache_rows}] * (2 * n))
+    table = {0: torch.export.Dim("table_rows", min=1, max=rows)}  # RoPE by cache row: the host binds them at the capacity
+    dynamic = ({1: steps}, table, table, {2: steps, 3: keys}, None, None, [{2: cache_rows}] * (2 * n))
     wrapper = SinkCacheShared(model, layout).eval()
     with torch.no_grad(), fusable_norms(model):
         program = torch.onnx.export(

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from pocketlm.runtime.errors import PocketLMError
-from ..model.rope import ROTATE_HALF
 
 MS_DOMAIN = "com.microsoft"
 QMAX = {4: 7, 8: 127}  # symmetric codes, stored unsigned as q + 2^(bits-1) (MatMulNBits' default zero point)
@@ -114,9 +113,7 @@ def to_matmul_nbits(path: Path, group_size: int, accuracy_level: int = 0) -> dic
     for node in model.graph.node:
         b_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
         found = None
-        if b_name is not None and ROTATE_HALF in b_name:
-            pass  # RoPE's rotate_half matrix (+-1 entries) would fit an int4 grid, but must stay exact
-        elif b_name in inits and len(inits[b_name].dims) == 2:
+        if b_name in inits and len(inits[b_name].dims) == 2:
             found = _as_nbits(numpy_helper.to_array(inits[b_name]).T, group_size)  # weight: [K, N], x @ B
         elif b_name in transposed and len(inits[transposed[b_name]].dims) == 2:
             found = _as_nbits(numpy_helper.to_array(inits[transposed[b_name]]), group_size)  # stored [N, K]

@@ -34,18 +34,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-ROTATE_HALF = "rope_rotate_half"  # the name of rotate_half_matrix's constant in an exported graph
-
-
-def rotate_half_matrix(head_dim: int) -> torch.Tensor:
-    """R with x @ R == rotate_half(x), exactly (each column holds a single +-1): in an exported graph
-    one MatMul instead of a split, a negation and a concat, for runtimes that pay per node."""
-    half, eye = head_dim // 2, torch.eye(head_dim // 2)
-    r = torch.zeros(head_dim, head_dim)
-    r[half:, :half], r[:half, half:] = -eye, eye
-    return r
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate=rotate_half) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, H, T, head_dim]; cos/sin: [T, head_dim]."""
-    return x * cos + rotate(x) * sin
+    return x * cos + rotate_half(x) * sin

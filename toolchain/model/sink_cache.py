@@ -22,7 +22,7 @@ from torch import nn
 from pocketlm.runtime.sink_cache import CacheLayout
 
 from .grouped_attention import grouped_query_attention
-from .rope import ROTATE_HALF, apply_rope, rotate_half, rotate_half_matrix
+from .rope import apply_rope, rotate_half
 from .transformer import Attention, Transformer
 
 
@@ -62,25 +62,19 @@ def attend(attn: Attention, q, keys_t, values, cos_win, sin_win, cos_sink, sin_s
     return _heads_out(attn, torch.bmm(_masked_softmax(attn, scores, mask), values))
 
 
-def shared_cache_attention(attn: Attention, x, cos, sin, attention_bias, seqlens_k, total, k_cache, v_cache,
-                           rotate_half_r):
+def shared_cache_attention(attn: Attention, x, cos_cache, sin_cache, attention_bias, seqlens_k, total, k_cache, v_cache):
     """The ONNX step, one fused attention per layer (model.grouped_attention: ONNX Runtime's
     GroupQueryAttention with the past and present caches in one buffer). k_cache, v_cache
     [1, n_kv_heads, L, hd] are the host's ring, bound as both the past input and the present output:
-    the step's keys (rotated at their true positions) and values are written at rows [T - P, T) and
-    the queries attend to rows [0, T) (causal within the step, plus attention_bias [1, 1, P, T]).
-    The query is rotated once, at its true position (cos, sin: [P, hd]): the host keeps the sink rows
-    re-rotated for it once the ring has wrapped (runtime.backends.onnx). Everything stays in
-    [1, P, heads, hd] rows, so no node transposes; RoPE's rotate_half is a matmul with rotate_half_r
-    (rope.rotate_half_matrix), one node where a split, a negation and a concat were.
-    Returns (output [1, P, dim], present key, present value)."""
-    b, p, _ = x.shape
-    q, k, v = attn.project_qkv_rows(x)
-    rotate = lambda t: torch.matmul(t, rotate_half_r)  # noqa: E731
-    q = apply_rope(q, cos, sin, rotate).reshape(b, p, attn.n_heads * attn.head_dim)
-    k = apply_rope(k, cos, sin, rotate).reshape(b, p, attn.n_kv_heads * attn.head_dim)
-    out, k_cache, v_cache = grouped_query_attention(q, k, v.reshape(b, p, -1), k_cache, v_cache, attention_bias, seqlens_k,
-                                                    total, attn.n_heads, attn.n_kv_heads)
+    the step's keys and values are written at rows [T - P, T) and the queries attend to rows [0, T)
+    (causal within the step, plus attention_bias [1, 1, P, T]). The kernel rotates the queries and
+    keys itself, from the packed q|k|v projection, by cos_cache and sin_cache [>= T, hd / 2] at
+    those rows, which hold the step's true positions: the query is rotated once, and the host keeps
+    the sink rows re-rotated for it once the ring has wrapped (runtime.backends.onnx). Between the
+    projection and the kernel there is no node at all. Returns (output [1, P, dim], present key,
+    present value)."""
+    out, k_cache, v_cache = grouped_query_attention(attn.project_qkv_packed(x), k_cache, v_cache, attention_bias, seqlens_k,
+                                                    total, cos_cache, sin_cache, attn.n_heads, attn.n_kv_heads)
     return attn.o_proj(out), k_cache, v_cache
 
 
@@ -262,24 +256,20 @@ class ProgramMethod(nn.Module):
 
 
 class SinkCacheShared(nn.Module):
-    """The ONNX program: forward(tokens, cos, sin, attention_bias, seqlens_k, total_sequence_length,
-    past) -> (logits, present_0_key, present_0_value, ...), each present the past's buffer with the
-    step's rows written (shared_cache_attention)."""
+    """The ONNX program: forward(tokens, cos_cache, sin_cache, attention_bias, seqlens_k,
+    total_sequence_length, past) -> (logits, present_0_key, present_0_value, ...), each present the
+    past's buffer with the step's rows written (shared_cache_attention)."""
 
     def __init__(self, model: Transformer, layout: CacheLayout):
         super().__init__()
         self.model, self.layout = model, layout
-        # one constant for every layer, named so the int4 rewrite leaves it a float MatMul (exact)
-        self.register_buffer(ROTATE_HALF, rotate_half_matrix(model.config.head_dim), persistent=False)
 
-    def forward(self, tokens, cos, sin, attention_bias, seqlens_k, total, past: list[torch.Tensor]):
+    def forward(self, tokens, cos_cache, sin_cache, attention_bias, seqlens_k, total, past: list[torch.Tensor]):
         present = []
-        r = getattr(self, ROTATE_HALF)
-        cos, sin = cos[:, None], sin[:, None]  # [P, 1, hd]: every head of a position rotates alike
 
         def attention(i, attn, x):
-            out, k_cache, v_cache = shared_cache_attention(attn, x, cos, sin, attention_bias, seqlens_k, total,
-                                                           past[2 * i], past[2 * i + 1], r)
+            out, k_cache, v_cache = shared_cache_attention(attn, x, cos_cache, sin_cache, attention_bias, seqlens_k, total,
+                                                           past[2 * i], past[2 * i + 1])
             present.extend((k_cache, v_cache))
             return out
 

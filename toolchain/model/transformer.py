@@ -46,18 +46,22 @@ class Attention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor):
         """x: [B, T, dim] -> un-rotated q [B, n_heads, T, head_dim], k and v [B, n_kv_heads, T, head_dim]."""
-        return tuple(t.transpose(1, 2) for t in self.project_qkv_rows(x))
-
-    def project_qkv_rows(self, x: torch.Tensor):
-        """x: [B, T, dim] -> un-rotated q [B, T, n_heads, head_dim], k and v [B, T, n_kv_heads, head_dim]."""
         b, t, _ = x.shape
         if self.qkv_proj is not None:  # slices, not split(): XNNPACK delegates a slice, not a split
             qkv, nq, nkv = self.qkv_proj(x), self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             q, k, v = qkv[..., :nq], qkv[..., nq : nq + nkv], qkv[..., nq + nkv :]
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return (q.view(b, t, self.n_heads, self.head_dim), k.view(b, t, self.n_kv_heads, self.head_dim),
-                v.view(b, t, self.n_kv_heads, self.head_dim))
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def project_qkv_packed(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, dim] -> un-rotated q|k|v [B, T, (n_heads + 2 n_kv_heads) * head_dim], one linear when fused."""
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x)
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q: [B, n_heads, T, hd]; k, v: [B, n_kv_heads, S, hd]; mask: additive [T, S] -> [B, T, dim]."""
