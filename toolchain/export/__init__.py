@@ -87,6 +87,9 @@ def export_bundle(
         raise PocketLMError(f"ExecuTorch's int4 path (XNNPACK 8da4w) needs a group size that is a multiple of 32; "
                             f"'{src.spec}' has groups of {int4_group}: quantize with --group-size 32 or 64, "
                             "or export with --onnx-int4 off (float programs)")
+    if "onnx" in backends and integer is None and model.config.head_dim % 16:
+        raise PocketLMError(f"ONNX Runtime's GroupQueryAttention rotates heads whose size is a multiple of 16, and "
+                            f"'{src.spec}' has head_dim {model.config.head_dim}: export it with --backend executorch")
     tokenizer = load_tokenizer(src)
     exported = fuse_projections_(copy.deepcopy(model)) if fuse_projections else model
     with atomic_folder(out) as tmp:

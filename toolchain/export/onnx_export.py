@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from pocketlm.runtime.backends.onnx import STEP_INPUTS, past_names, present_names
-from pocketlm.runtime.errors import PocketLMError
 from pocketlm.runtime.sink_cache import CacheLayout
 
 from ..model.grouped_attention import grouped_query_attention
@@ -93,13 +92,10 @@ def example_inputs(model: Transformer, layout: CacheLayout, t: int):
 
 
 def export_onnx(model: Transformer, layout: CacheLayout, path: Path) -> Path:
-    """Write model.onnx (+ model.onnx.data) at path."""
+    """Write model.onnx (+ model.onnx.data) at path. The head size must be a multiple of 16 (ONNX
+    Runtime's rotary kernel; export_bundle refuses other models before any work)."""
     import onnx
 
-    hd = model.config.head_dim
-    if hd % 16:
-        raise PocketLMError(f"ONNX Runtime's GroupQueryAttention rotates heads whose size is a multiple of 16, and this "
-                            f"model's head_dim is {hd}: export it with --backend executorch")
     _declare_grouped_query_attention()
     n = model.config.n_layers
     steps = torch.export.Dim("steps", min=1, max=max(layout.chunk, 2))
