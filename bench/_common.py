@@ -41,3 +41,13 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     from pocketlm.runtime.text import load_text
 
     return tokenizer.encode(load_text(None, "eval"))[:n]
+
+
+def bundle_backends(ap, bundles: list[str], backends: list[str], default: str) -> list[str]:
+    """One backend per --bundle: --backend given once for all of them, once per bundle, or not (default)."""
+    backends = backends or [default]
+    if len(backends) == 1:
+        backends = backends * len(bundles)
+    if len(backends) != len(bundles):
+        ap.error("give --backend once, or once per --bundle")
+    return backends

@@ -32,7 +32,7 @@ from pathlib import Path
 # one-query-per-head decode suffers most. One OpenMP thread, set before torch loads, for both.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from _common import peak_rss_bytes, prompt_ids, rss_bytes, write_json
+from _common import bundle_backends, peak_rss_bytes, prompt_ids, rss_bytes, write_json
 
 from pocketlm.runtime.profile import file_sizes
 
@@ -115,11 +115,7 @@ def main() -> None:
     ap.add_argument("--name", default="export_llm_peer")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    backends = args.backend or ["executorch"]
-    if len(backends) == 1:
-        backends = backends * len(args.bundle)
-    if len(backends) != len(args.bundle):
-        ap.error("give --backend once, or once per --bundle")
+    backends = bundle_backends(ap, args.bundle, args.backend, "executorch")
 
     tokenizer = Tokenizer(args.tokenizer)
     prompt = prompt_ids(tokenizer, args.prompt_tokens)

@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from _common import write_json
+from _common import bundle_backends, write_json
 
 from pocketlm.runtime.bundle import Bundle
 from pocketlm.runtime.profile import file_sizes, measure_in_subprocess
@@ -82,11 +82,7 @@ def main() -> None:
     ap.add_argument("--name", default="llama_cpp_peer")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    backends = args.backend or ["onnx"]
-    if len(backends) == 1:
-        backends = backends * len(args.bundle)
-    if len(backends) != len(args.bundle):
-        ap.error("give --backend once, or once per --bundle")
+    backends = bundle_backends(ap, args.bundle, args.backend, "onnx")
 
     jobs = [("gguf", g, None) for g in args.gguf] + [("bundle", b, be) for b, be in zip(args.bundle, backends)]
     samples = {i: [] for i in range(len(jobs))}

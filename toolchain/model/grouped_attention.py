@@ -20,14 +20,14 @@ import math
 
 import torch
 
+from .rope import apply_rope
+
 OP = "pocketlm::grouped_query_attention"
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [P, heads, hd]; cos, sin [P, hd / 2]: each half-split pair (x1, x2) rotated by its angle."""
-    half = x.shape[-1] // 2
-    x1, x2, cos, sin = x[..., :half], x[..., half:], cos[:, None], sin[:, None]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    """x [P, heads, hd]; cos, sin [P, hd / 2]: rope.apply_rope with each angle in both halves of a head."""
+    return apply_rope(x, torch.cat([cos, cos], dim=-1)[:, None], torch.cat([sin, sin], dim=-1)[:, None])
 
 
 @torch.library.custom_op(OP, mutates_args=())
